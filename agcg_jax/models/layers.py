@@ -1,0 +1,109 @@
+"""Shared building blocks: padded convs, instance norm, residual blocks, upsampling.
+
+All modules take NHWC inputs. `dtype` is the compute dtype (float32 or
+bfloat16); parameters are always float32 (mixed precision keeps master
+weights and Adam moments in full precision).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def pad(x: jnp.ndarray, p: int, mode: str) -> jnp.ndarray:
+  """Pads H and W of [B, H, W, C] by p on each side ('reflect' or 'zeros')."""
+  if p == 0:
+    return x
+  widths = ((0, 0), (p, p), (p, p), (0, 0))
+  return jnp.pad(x, widths, mode="reflect" if mode == "reflect" else "constant")
+
+
+class PadConv(nn.Module):
+  """Conv with explicit (reflect by default) 'same' padding, as CycleGAN uses."""
+  features: int
+  kernel: int
+  stride: int = 1
+  dilation: int = 1
+  padding: str = "reflect"
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.dilation * (self.kernel - 1) // 2
+    x = pad(x, p, self.padding)
+    return nn.Conv(self.features, (self.kernel, self.kernel),
+                   strides=(self.stride, self.stride),
+                   kernel_dilation=(self.dilation, self.dilation),
+                   padding="VALID", use_bias=self.use_bias, dtype=self.dtype)(x)
+
+
+def instance_norm(dtype: Dtype, name: str | None = None) -> nn.Module:
+  # A conv followed by instance norm carries no bias: the norm subtracts it
+  # again, so its gradient is zero up to rounding, which Adam would amplify
+  # into noise of the size of the learning rate.
+  # Statistics are computed in float32 by flax even for bfloat16 inputs.
+  return nn.InstanceNorm(epsilon=1e-5, dtype=dtype, name=name)
+
+
+class ResBlock(nn.Module):
+  """x + IN(conv3(ReLU(IN(conv3(x))))), optionally dilated (DRN)."""
+  features: int
+  dilation: int = 1
+  padding: str = "reflect"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = PadConv(self.features, 3, dilation=self.dilation, padding=self.padding,
+                use_bias=False, dtype=self.dtype)(x)
+    h = nn.relu(instance_norm(self.dtype)(h))
+    h = PadConv(self.features, 3, dilation=self.dilation, padding=self.padding,
+                use_bias=False, dtype=self.dtype)(h)
+    h = instance_norm(self.dtype)(h)
+    return x + h
+
+
+def depth_to_space(x: jnp.ndarray, r: int) -> jnp.ndarray:
+  """[B, H, W, r*r*C] -> [B, r*H, r*W, C] (pixel shuffle)."""
+  b, h, w, c = x.shape
+  c_out = c // (r * r)
+  x = x.reshape(b, h, w, r, r, c_out)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * r, w * r, c_out)
+
+
+class Upsample2x(nn.Module):
+  """Learned 2x upsampling, the generator's 'u' layer.
+
+  mode='transpose': a 3x3 stride-2 transposed conv (CycleGAN's layer).
+  mode='subpixel': a 3x3 stride-1 conv to 4x the channels, then pixel
+    shuffle. Each output phase of a 3x3 stride-2 transposed conv reads at
+    most a 2x2 window of the input, which a 3x3 conv covers, so this layer
+    can represent every transposed conv of that shape; it avoids XLA's slow
+    transposed-convolution kernels on GPU (see NOTES.md).
+  mode='resize': nearest-neighbour resize + 3x3 conv (the attention net's
+    upsampling, paper Sec. 4.3).
+  Always followed by instance norm, so the convs carry no bias.
+  """
+  features: int
+  mode: str = "subpixel"
+  padding: str = "reflect"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.mode == "transpose":
+      return nn.ConvTranspose(self.features, (3, 3), strides=(2, 2),
+                              padding="SAME", use_bias=False, dtype=self.dtype)(x)
+    if self.mode == "subpixel":
+      x = PadConv(4 * self.features, 3, padding=self.padding, use_bias=False, dtype=self.dtype)(x)
+      return depth_to_space(x, 2)
+    if self.mode == "resize":
+      b, h, w, c = x.shape
+      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+      return PadConv(self.features, 3, padding=self.padding, use_bias=False, dtype=self.dtype)(x)
+    raise ValueError(f"unknown upsample mode {self.mode!r}: "
+                     "use 'subpixel', 'transpose' or 'resize'")

@@ -1,0 +1,137 @@
+"""Pure, jit-able step functions. No I/O; nothing here touches the host.
+
+Batches are dicts of [B, H, W, 1] float32 images in [-1, 1]; the GAN batch is
+{"no_finding": ..., "cardiomegaly": ...} (unpaired), the classifier batch
+{"image": ..., "label": int32 [B]}.
+"""
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from agcg_jax import losses
+from agcg_jax.data.records import CLASS_KEYS
+from agcg_jax.state import ATT, DIS, GEN, TrainState
+
+
+def other(domain: str) -> str:
+  a, b = CLASS_KEYS
+  return b if domain == a else a
+
+
+def translate(models: Mapping[str, nn.Module], params, target: str, src: jnp.ndarray):
+  """Translate `src` into domain `target` (paper Equ. 8).
+
+  fake = A_t(src) * G_t(src) + (1 - A_t(src)) * src. Returns (fake, attention,
+  generated), each [B, H, W, 1]; attention in [0, 1], the others in [-1, 1].
+  """
+  att = models[ATT[target]].apply({"params": params[ATT[target]]}, src)
+  gen = models[GEN[target]].apply({"params": params[GEN[target]]}, src)
+  fake = att * gen + (1.0 - att) * src
+  return fake, att, gen
+
+
+def _global_norm(tree) -> jnp.ndarray:
+  return optax.global_norm(tree)
+
+
+def gan_generator_loss(gen_params, dis_params, batch, *, models, cfg):
+  """Adversarial + cycle (+ optional identity) loss of both translations.
+
+  Returns (loss, (fakes, metrics)); fakes are stop_gradient'ed so the
+  discriminator loss cannot reach the generators through them.
+  """
+  params = {**gen_params, **dis_params}
+  fakes, metrics, adv, cyc, idt = {}, {}, 0.0, 0.0, 0.0
+  for target in CLASS_KEYS:
+    src = batch[other(target)]
+    fake, att, _ = translate(models, params, target, src)
+    # The cycle path recomputes attention on the translated image (DESIGN.md).
+    rec, _, _ = translate(models, params, other(target), fake)
+    logits = models[DIS[target]].apply({"params": params[DIS[target]]}, fake)
+    adv_t = losses.g_loss(logits, cfg.adv_loss)
+    cyc_t = losses.cycle_loss(rec, src, cfg.cycle_loss)
+    adv += adv_t
+    cyc += cyc_t
+    metrics[f"g_adv_{target}"] = adv_t
+    metrics[f"cycle_{other(target)}"] = cyc_t
+    metrics[f"attention_mean_{target}"] = jnp.mean(att)
+    if cfg.lambda_identity > 0:
+      same, _, _ = translate(models, params, target, batch[target])
+      idt += losses.cycle_loss(same, batch[target], "l1")
+    fakes[target] = jax.lax.stop_gradient(fake)
+  loss = adv + cfg.lambda_cycle * cyc + cfg.lambda_identity * idt
+  metrics.update(g_loss=loss, g_adv=adv, cycle=cyc)
+  return loss, (fakes, metrics)
+
+
+def gan_discriminator_loss(dis_params, batch, fakes, *, models, cfg):
+  """Hinge (default) loss of both discriminators on real vs translated images."""
+  loss, metrics = 0.0, {}
+  for target in CLASS_KEYS:
+    real, fake = batch[target], fakes[target]
+    b = real.shape[0]
+    # One call on [real; fake]: instance norm is per image, so this equals two calls.
+    logits = models[DIS[target]].apply({"params": dis_params[DIS[target]]},
+                                       jnp.concatenate([real, fake], axis=0))
+    l_real = losses.d_loss_real(logits[:b], cfg.adv_loss)
+    l_fake = losses.d_loss_fake(logits[b:], cfg.adv_loss)
+    loss += l_real + l_fake
+    metrics[f"d_real_{target}"] = l_real
+    metrics[f"d_fake_{target}"] = l_fake
+  metrics["d_loss"] = loss
+  return loss, metrics
+
+
+def gan_grads(state: TrainState, batch, *, models, cfg):
+  """Gradients of all six networks from one forward pass of the translations.
+
+  Returns (grads keyed by network, metrics). Generator/attention gradients
+  come only from the generator loss, discriminator gradients only from the
+  discriminator loss (evaluated at the same, pre-update parameters, like the
+  usual alternating update).
+  """
+  gen_params = {n: p for n, p in state.params.items() if not n.startswith("dis_")}
+  dis_params = {n: p for n, p in state.params.items() if n.startswith("dis_")}
+  (_, (fakes, m_g)), g_grads = jax.value_and_grad(gan_generator_loss, has_aux=True)(
+      gen_params, dis_params, batch, models=models, cfg=cfg)
+  (_, m_d), d_grads = jax.value_and_grad(gan_discriminator_loss, has_aux=True)(
+      dis_params, batch, fakes, models=models, cfg=cfg)
+  grads = {**g_grads, **d_grads}
+  metrics = {**m_g, **m_d}
+  for name, g in grads.items():
+    metrics[f"grad_norm_{name}"] = _global_norm(g)
+  return grads, metrics
+
+
+def gan_train_step(state: TrainState, batch, *, models, cfg):
+  """One AG-CycleGAN step updating all six networks. Donate `state`."""
+  grads, metrics = gan_grads(state, batch, models=models, cfg=cfg)
+  return state.apply_gradients(grads), metrics
+
+
+def classifier_logits(model, params, images):
+  return model.apply({"params": params}, images)
+
+
+def classifier_train_step(state: TrainState, batch, *, model, class_weights=None):
+  """Cross-entropy step of the classifier (network name 'classifier')."""
+  def loss_fn(p):
+    logits = model.apply({"params": p}, batch["image"])
+    return losses.cross_entropy(logits, batch["label"], class_weights), logits
+  (loss, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params["classifier"])
+  acc = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+  metrics = {"loss": loss, "accuracy": acc, "grad_norm": _global_norm(g)}
+  return state.apply_gradients({"classifier": g}), metrics
+
+
+def ctr_train_step(state: TrainState, batch, *, model):
+  """MSE step of the CTR regressor (network name 'ctr'); batch has 'image', 'ctr' [B]."""
+  def loss_fn(p):
+    pred = model.apply({"params": p}, batch["image"])[:, 0]
+    return jnp.mean((pred - batch["ctr"]) ** 2), pred
+  (loss, pred), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params["ctr"])
+  metrics = {"loss": loss, "mae": jnp.mean(jnp.abs(pred - batch["ctr"])), "grad_norm": _global_norm(g)}
+  return state.apply_gradients({"ctr": g}), metrics

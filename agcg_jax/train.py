@@ -1,0 +1,299 @@
+"""Training loops: set up, restore, loop, log, checkpoint. Pure steps live in steps.py.
+
+Each stage (classifier, gan, ctr) lives in <workdir>/<stage>/ with
+checkpoints/, metrics.jsonl (one JSON object per logged step) and
+config.json (the config sections it was trained with). Running the same
+command again resumes from the last complete checkpoint, data order included.
+"""
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from agcg_jax import config as config_lib
+from agcg_jax import models as M
+from agcg_jax import sharding as sh
+from agcg_jax import state as S
+from agcg_jax import steps
+from agcg_jax.checkpoint import Checkpointer, abstract_with_shardings
+from agcg_jax.data import pipeline
+from agcg_jax.data.records import NUM_CLASSES
+from agcg_jax.errors import UserError
+
+# Config sections that define each stage's training; a workdir trained with
+# other values for these refuses to resume.
+STAGE_SECTIONS = {
+    "classifier": ("seed", "data", "classifier"),
+    "gan": ("seed", "data", "gan"),
+    "ctr": ("seed", "data", "ctr"),
+}
+MODEL_FIELDS = {
+    "classifier": ("dtype", "cls_width", "cls_layers"),
+    "gan": ("dtype", "padding", "gen_width", "gen_down", "gen_res", "gen_upsample",
+            "att_width", "att_dilations", "dis_width", "dis_layers", "dis_sigmoid"),
+    "ctr": ("dtype",),
+}
+
+
+class NonFiniteLoss(UserError):
+  """Training produced a non-finite loss or gradient norm."""
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def data_dir(config, workdir: str) -> str:
+  return config.data.dir or os.path.join(workdir, "data")
+
+
+def _record_stage_config(config, workdir: str, stage: str) -> None:
+  sections = dict(config_lib.section_dict(config, STAGE_SECTIONS[stage]))
+  sections["model"] = {k: config.model[k] for k in MODEL_FIELDS[stage]}
+  path = os.path.join(workdir, stage, "config.json")
+  cfg = ml_collections.ConfigDict(sections)
+  if is_main_process():
+    config_lib.check_or_record(cfg, list(sections), path)
+
+
+class MetricsLog:
+  """Appends one JSON line per logged step (process 0 only).
+
+  On resume, lines logged after the restored checkpoint are dropped: those
+  steps are trained again, and the file must read as one continuous run.
+  """
+
+  def __init__(self, path: str, resume_step: int, enabled: bool):
+    self.path, self.enabled = path, enabled
+    if not enabled:
+      return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    kept = []
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            row = json.loads(line)
+          except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+          if row.get("step", 0) <= resume_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+
+  def write(self, row: dict) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class StopSignal:
+  """Turns SIGTERM (preemption, a scheduler stopping the job) into a flag checked between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, no graceful stop
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class Stage:
+  """What a training stage needs besides the loop itself."""
+  name: str
+  init_fn: Callable[[jax.Array], S.TrainState]
+  step_fn: Callable[[S.TrainState, Any], tuple[S.TrainState, dict]]
+  make_batches: Callable[[int, int, int], Iterator[dict]]  # (batch per process, shard index, count)
+  global_batch: int
+  total_steps: int
+  log_every: int
+  ckpt_every: int
+  keep: int
+  seed: int
+
+
+def _check_finite(metrics: dict, step: int, stage: str) -> None:
+  bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
+  if bad:
+    raise NonFiniteLoss(f"{stage}: non-finite {', '.join(sorted(bad))} at step {step}; "
+                        "training stopped (the last checkpoint is kept): lower the learning rates "
+                        "or use model.dtype=float32")
+
+
+def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> tuple[S.TrainState, str]:
+  """Trains `stage` to total_steps, resuming from <workdir>/<name>/checkpoints.
+
+  Returns (state, status) with status 'done' or 'stopped' (SIGTERM: a
+  checkpoint was saved first).
+  """
+  mesh = mesh or sh.data_mesh()
+  stage_dir = os.path.join(workdir, stage.name)
+  ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), stage.keep)
+  replicated = sh.replicated(mesh)
+  key = jax.random.PRNGKey(stage.seed)
+  # Shape-first: the state's structure without computing it, then a jitted
+  # init that materialises it directly with the replicated sharding.
+  abstract = jax.eval_shape(stage.init_fn, key)
+  shardings = jax.tree.map(lambda _: replicated, abstract)
+
+  n_proc = jax.process_count()
+  per_process = stage.global_batch // n_proc
+  batches = stage.make_batches(per_process, jax.process_index(), n_proc)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, abstract_with_shardings(abstract, replicated))
+    if data_state is not None:
+      batches.set_state(data_state)
+    start = int(latest)
+  else:
+    state = jax.jit(stage.init_fn, out_shardings=shardings)(key)
+    start = 0
+  log = MetricsLog(os.path.join(stage_dir, "metrics.jsonl"), start, is_main_process())
+  jstep = jax.jit(stage.step_fn, donate_argnums=0, out_shardings=(shardings, replicated))
+
+  status = "done"
+  bar = tqdm(total=stage.total_steps, initial=start, desc=stage.name, unit="step",
+             disable=not (progress and is_main_process()), dynamic_ncols=True)
+  t_last, n_last = time.perf_counter(), start
+  with StopSignal() as stop:
+    step = start
+    while step < stage.total_steps:
+      batch = sh.to_global(next(batches), mesh)
+      state, metrics = jstep(state, batch)
+      step += 1
+      bar.update(1)
+      last = step == stage.total_steps
+      if step % stage.log_every == 0 or last:
+        host = jax.device_get(metrics)
+        _check_finite(host, step, stage.name)
+        now = time.perf_counter()
+        row = {"step": step, **{k: float(v) for k, v in sorted(host.items())},
+               "images_per_s": stage.global_batch * (step - n_last) / max(now - t_last, 1e-9)}
+        t_last, n_last = now, step
+        log.write(row)
+        bar.set_postfix({k: f"{row[k]:.3g}" for k in list(row)[1:4]})
+      stopping = stop.requested
+      if stopping and jax.process_count() > 1:
+        # Every process must take the same decision, or the collective save hangs.
+        from jax.experimental import multihost_utils
+        stopping = bool(multihost_utils.process_allgather(np.array(stopping)).any())
+      if step % stage.ckpt_every == 0 or last or stopping:
+        ckpt.save(step, state, batches.get_state())
+      if stopping:
+        status = "stopped"
+        break
+  bar.close()
+  ckpt.close()
+  return state, status
+
+
+def restore_params(workdir: str, stage: str, init_fn, mesh=None) -> tuple[dict, int]:
+  """The params of a stage's latest checkpoint, or a UserError saying to train it first."""
+  mesh = mesh or sh.data_mesh()
+  directory = os.path.join(workdir, stage, "checkpoints")
+  if not os.path.isdir(directory):
+    raise UserError(f"no {stage} checkpoint in {directory}: run `agcg train-{stage}` first")
+  ckpt = Checkpointer(directory, keep=1000, asynchronous=False)
+  latest = ckpt.latest_step()
+  if latest is None:
+    raise UserError(f"no complete {stage} checkpoint in {directory}: run `agcg train-{stage}` first")
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  state, _ = ckpt.restore(latest, abstract_with_shardings(abstract, sh.replicated(mesh)),
+                          with_data=False)
+  ckpt.close()
+  return state.params, int(latest)
+
+
+# ---------------------------------------------------------------- the stages
+
+
+def _check_image_size(config, ddir: str) -> None:
+  info = pipeline.dataset_info(ddir)
+  size = info.get("image_size")
+  if size is not None and int(size) != int(config.data.image_size):
+    raise UserError(f"dataset in {ddir} holds {size}x{size} images but data.image_size="
+                    f"{config.data.image_size}; set --config.data.image_size={size} or prepare again")
+
+
+def train_classifier(config, workdir: str, mesh=None, progress=True):
+  mesh = mesh or sh.data_mesh()
+  _record_stage_config(config, workdir, "classifier")
+  ddir = data_dir(config, workdir)
+  _check_image_size(config, ddir)
+  source = pipeline.open_source(ddir, "train")
+  c = config.classifier
+  weights = None
+  if c.class_weights:
+    counts = np.bincount(pipeline.labels_of(source), minlength=NUM_CLASSES).astype(np.float64)
+    weights = jnp.asarray(counts.sum() / (NUM_CLASSES * np.maximum(counts, 1)), jnp.float32)
+  stage = Stage(
+      name="classifier", init_fn=S.classifier_init_fn(config),
+      step_fn=functools.partial(steps.classifier_train_step, model=S.classifier_model(config),
+                                class_weights=weights),
+      make_batches=lambda b, i, n: pipeline.classifier_batches(
+          source, batch_size=b, seed=config.seed, shard_index=i, shard_count=n),
+      global_batch=sh.global_batch_size(c.batch_per_device, c.global_batch, mesh, "classifier"),
+      total_steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep,
+      seed=config.seed)
+  return run_stage(stage, workdir, mesh, progress)
+
+
+def train_gan(config, workdir: str, mesh=None, progress=True):
+  mesh = mesh or sh.data_mesh()
+  _record_stage_config(config, workdir, "gan")
+  ddir = data_dir(config, workdir)
+  _check_image_size(config, ddir)
+  source = pipeline.open_source(ddir, "train")
+  g = config.gan
+  stage = Stage(
+      name="gan", init_fn=S.gan_init_fn(config),
+      step_fn=functools.partial(steps.gan_train_step, models=S.gan_models(config.model), cfg=g),
+      make_batches=lambda b, i, n: pipeline.gan_batches(
+          source, batch_size=b, seed=config.seed, shard_index=i, shard_count=n),
+      global_batch=sh.global_batch_size(g.batch_per_device, g.global_batch, mesh, "gan"),
+      total_steps=g.steps, log_every=g.log_every, ckpt_every=g.ckpt_every, keep=g.keep,
+      seed=config.seed + 1)
+  return run_stage(stage, workdir, mesh, progress)
+
+
+def train_ctr(config, workdir: str, mesh=None, progress=True):
+  """The CTR regressor: measures a translated heart by something other than the GAN (phantoms)."""
+  mesh = mesh or sh.data_mesh()
+  _record_stage_config(config, workdir, "ctr")
+  ddir = data_dir(config, workdir)
+  source = pipeline.open_source(ddir, "train")
+  c = config.ctr
+  stage = Stage(
+      name="ctr", init_fn=S.ctr_init_fn(config),
+      step_fn=functools.partial(steps.ctr_train_step, model=S.ctr_model(config)),
+      make_batches=lambda b, i, n: pipeline.classifier_batches(
+          source, batch_size=b, seed=config.seed + 2, shard_index=i, shard_count=n,
+          fields=("ctr",)),
+      global_batch=sh.global_batch_size(c.batch_per_device, 0, mesh, "ctr"),
+      total_steps=c.steps, log_every=c.log_every, ckpt_every=max(c.steps, 1), keep=1,
+      seed=config.seed + 2)
+  return run_stage(stage, workdir, mesh, progress)

@@ -1,0 +1,151 @@
+"""The AG-CycleGAN and classifier steps: what they update, tracing, sharding, CAM."""
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agcg_jax import cam as cam_lib
+from agcg_jax import sharding as sh
+from agcg_jax import state as S
+from agcg_jax import steps
+from agcg_jax import state as S
+from agcg_jax.data.records import CLASS_KEYS
+
+
+def _batch(b, s, seed=0):
+  rng = np.random.default_rng(seed)
+  return {k: jnp.asarray(rng.uniform(-1, 1, (b, s, s, 1)), jnp.float32) for k in CLASS_KEYS}
+
+
+def _gan(config, **gan_overrides):
+  g = config.gan.copy_and_resolve_references()
+  for k, v in gan_overrides.items():
+    g[k] = v
+  models = S.gan_models(config.model)
+  init = S.make_init_fn(models, S.gan_txs(g), S.image_shape(config))
+  state = jax.jit(init)(jax.random.PRNGKey(0))
+  return models, g, state
+
+
+def _changed(a, b):
+  return {n: not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a[n]), jax.tree.leaves(b[n])))
+          for n in a}
+
+
+def test_discriminator_update_leaves_generators_alone_and_reverse(tiny_config):
+  s = tiny_config.data.image_size
+  batch = _batch(2, s)
+  # Only the discriminators learn: generators and attention nets must not move.
+  models, g, state = _gan(tiny_config, lr_g=0.0, lr_a=0.0)
+  before = jax.device_get(state.params)
+  new, _ = jax.jit(functools.partial(steps.gan_train_step, models=models, cfg=g))(state, batch)
+  changed = _changed(before, jax.device_get(new.params))
+  assert all(changed[S.DIS[k]] for k in CLASS_KEYS)
+  assert not any(changed[S.GEN[k]] or changed[S.ATT[k]] for k in CLASS_KEYS)
+  # Only generators and attention learn: the discriminators must not move.
+  models, g, state = _gan(tiny_config, lr_d=0.0)
+  before = jax.device_get(state.params)
+  new, _ = jax.jit(functools.partial(steps.gan_train_step, models=models, cfg=g))(state, batch)
+  changed = _changed(before, jax.device_get(new.params))
+  assert not any(changed[S.DIS[k]] for k in CLASS_KEYS)
+  assert all(changed[S.GEN[k]] and changed[S.ATT[k]] for k in CLASS_KEYS)
+
+
+def test_discriminator_loss_has_no_gradient_into_generators(tiny_config):
+  models, g, state = _gan(tiny_config)
+  batch = _batch(2, tiny_config.data.image_size)
+  gen = {n: p for n, p in state.params.items() if not n.startswith("dis_")}
+  dis = {n: p for n, p in state.params.items() if n.startswith("dis_")}
+
+  def d_loss_through_fakes(gen_params):
+    _, (fakes, _) = steps.gan_generator_loss(gen_params, dis, batch, models=models, cfg=g)
+    return steps.gan_discriminator_loss(dis, batch, fakes, models=models, cfg=g)[0]
+  grads = jax.grad(d_loss_through_fakes)(gen)
+  assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(grads))
+  # ... while the generator loss does reach them (the test can fail).
+  g_grads = jax.grad(lambda p: steps.gan_generator_loss(p, dis, batch, models=models, cfg=g)[0])(gen)
+  assert any(float(jnp.max(jnp.abs(x))) > 0.0 for x in jax.tree.leaves(g_grads))
+
+
+def test_gan_step_compiles_once(tiny_config):
+  models, g, state = _gan(tiny_config)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(st, b):
+    return steps.gan_train_step(st, b, models=models, cfg=g)
+  for i in range(3):
+    state, m = step(state, _batch(2, tiny_config.data.image_size, seed=i))
+  assert int(state.step) == 3
+  assert np.isfinite(float(m["g_loss"])) and np.isfinite(float(m["d_loss"]))
+
+
+def test_step_sharded_over_8_devices_equals_single_device(tiny_config, one_device_mesh):
+  """Same global batch on 1 and on 8 devices: same gradients, losses and parameters.
+
+  Gradients and losses are compared tightly. Parameters after Adam are
+  compared to within a fraction of one step's size: Adam's first steps move
+  a parameter by about lr * sign(g) whatever |g| is, so a gradient that is
+  zero up to rounding (it differs with the reduction order) may move either
+  way by up to lr.
+  """
+  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+  models, g, state0 = _gan(tiny_config)
+  s = tiny_config.data.image_size
+  batches = [_batch(8, s, seed=i) for i in range(2)]
+  grads, metrics, params = [], [], []
+  for mesh in (one_device_mesh, sh.data_mesh()):
+    rep = sh.replicated(mesh)
+    shardings = jax.tree.map(lambda _: rep, state0)
+    state = jax.device_put(state0, rep)
+    grad_fn = jax.jit(functools.partial(steps.gan_grads, models=models, cfg=g), out_shardings=rep)
+    step = jax.jit(functools.partial(steps.gan_train_step, models=models, cfg=g),
+                   out_shardings=(shardings, rep))
+    gr, m = grad_fn(state, jax.device_put(batches[0], sh.batch_sharded(mesh)))
+    grads.append(jax.device_get(gr))
+    metrics.append(jax.device_get(m))
+    for b in batches:
+      state, _ = step(state, jax.device_put(b, sh.batch_sharded(mesh)))
+    assert all(x.sharding.is_equivalent_to(rep, x.ndim) for x in jax.tree.leaves(state.params))
+    params.append(jax.device_get(state.params))
+  chex.assert_trees_all_close(metrics[0], metrics[1], rtol=1e-4, atol=1e-6)
+  scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(grads[0]))
+  chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-3, atol=1e-5 * scale)
+  chex.assert_trees_all_close(params[0], params[1], atol=2 * max(g.lr_d, g.lr_g, g.lr_a))
+  # ... and the parameters did move by much more than that tolerance.
+  moved = max(float(np.max(np.abs(a - b))) for a, b in
+              zip(jax.tree.leaves(jax.device_get(state0.params)), jax.tree.leaves(params[0])))
+  assert moved >= 2 * g.lr_d
+
+
+def test_cam_identity(tiny_config):
+  """Spatial mean of class c's CAM plus c's bias equals c's logit (paper Equ. 9 with GAP)."""
+  model = S.classifier_model(tiny_config)
+  s = tiny_config.data.image_size
+  x = _batch(3, s)[CLASS_KEYS[0]]
+  params = model.init(jax.random.PRNGKey(3), x)["params"]
+  # A non-zero bias, so the identity is tested with it.
+  params = jax.tree_util.tree_map(lambda p: p, params)
+  params["head"]["bias"] = jnp.array([0.3, -0.7])
+  logits, cams = jax.jit(functools.partial(cam_lib.logits_and_cam, model))(params, x)
+  chex.assert_rank(cams, 4)
+  recon = jnp.mean(cams, axis=(1, 2)) + params["head"]["bias"]
+  np.testing.assert_allclose(recon, logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, model.apply({"params": params}, x), rtol=1e-6, atol=1e-6)
+
+
+def test_classifier_step_learns_a_separable_problem(tiny_config, one_device_mesh):
+  model = S.classifier_model(tiny_config)
+  init = S.classifier_init_fn(tiny_config)
+  state = jax.jit(init)(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  s = tiny_config.data.image_size
+  step = jax.jit(functools.partial(steps.classifier_train_step, model=model))
+  for i in range(30):
+    y = rng.integers(0, 2, 8)
+    x = rng.normal(0, 0.3, (8, s, s, 1)) + np.where(y[:, None, None, None] == 1, 0.5, -0.5)
+    state, m = step(state, {"image": jnp.asarray(x, jnp.float32), "label": jnp.asarray(y, jnp.int32)})
+  assert float(m["accuracy"]) >= 0.875

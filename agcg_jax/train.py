@@ -169,6 +169,9 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
     if data_state is not None:
       batches.set_state(data_state)
     start = int(latest)
+    if is_main_process():
+      print(f"agcg: {stage.name}: resuming from step {start} of {stage.total_steps} "
+            f"({ckpt.directory})", flush=True)
   else:
     state = jax.jit(stage.init_fn, out_shardings=shardings)(key)
     start = 0
@@ -239,9 +242,7 @@ def _check_image_size(config, ddir: str) -> None:
                     f"{config.data.image_size}; set --config.data.image_size={size} or prepare again")
 
 
-def train_classifier(config, workdir: str, mesh=None, progress=True):
-  mesh = mesh or sh.data_mesh()
-  _record_stage_config(config, workdir, "classifier")
+def classifier_stage(config, workdir: str, mesh) -> Stage:
   ddir = data_dir(config, workdir)
   _check_image_size(config, ddir)
   source = pipeline.open_source(ddir, "train")
@@ -250,50 +251,71 @@ def train_classifier(config, workdir: str, mesh=None, progress=True):
   if c.class_weights:
     counts = np.bincount(pipeline.labels_of(source), minlength=NUM_CLASSES).astype(np.float64)
     weights = jnp.asarray(counts.sum() / (NUM_CLASSES * np.maximum(counts, 1)), jnp.float32)
-  stage = Stage(
+  return Stage(
       name="classifier", init_fn=S.classifier_init_fn(config),
       step_fn=functools.partial(steps.classifier_train_step, model=S.classifier_model(config),
                                 class_weights=weights),
       make_batches=lambda b, i, n: pipeline.classifier_batches(
-          source, batch_size=b, seed=config.seed, shard_index=i, shard_count=n),
+          source, batch_size=b, seed=config.seed, shard_index=i, shard_count=n,
+          worker_count=config.data.workers),
       global_batch=sh.global_batch_size(c.batch_per_device, c.global_batch, mesh, "classifier"),
       total_steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep,
       seed=config.seed)
-  return run_stage(stage, workdir, mesh, progress)
 
 
-def train_gan(config, workdir: str, mesh=None, progress=True):
-  mesh = mesh or sh.data_mesh()
-  _record_stage_config(config, workdir, "gan")
+def gan_stage(config, workdir: str, mesh) -> Stage:
   ddir = data_dir(config, workdir)
   _check_image_size(config, ddir)
   source = pipeline.open_source(ddir, "train")
   g = config.gan
-  stage = Stage(
+  return Stage(
       name="gan", init_fn=S.gan_init_fn(config),
       step_fn=functools.partial(steps.gan_train_step, models=S.gan_models(config.model), cfg=g),
       make_batches=lambda b, i, n: pipeline.gan_batches(
-          source, batch_size=b, seed=config.seed, shard_index=i, shard_count=n),
+          source, batch_size=b, seed=config.seed, shard_index=i, shard_count=n,
+          worker_count=config.data.workers),
       global_batch=sh.global_batch_size(g.batch_per_device, g.global_batch, mesh, "gan"),
       total_steps=g.steps, log_every=g.log_every, ckpt_every=g.ckpt_every, keep=g.keep,
       seed=config.seed + 1)
-  return run_stage(stage, workdir, mesh, progress)
 
 
-def train_ctr(config, workdir: str, mesh=None, progress=True):
+def ctr_stage(config, workdir: str, mesh) -> Stage:
   """The CTR regressor: measures a translated heart by something other than the GAN (phantoms)."""
-  mesh = mesh or sh.data_mesh()
-  _record_stage_config(config, workdir, "ctr")
   ddir = data_dir(config, workdir)
+  _check_image_size(config, ddir)
   source = pipeline.open_source(ddir, "train")
   c = config.ctr
-  stage = Stage(
+  return Stage(
       name="ctr", init_fn=S.ctr_init_fn(config),
       step_fn=functools.partial(steps.ctr_train_step, model=S.ctr_model(config)),
       make_batches=lambda b, i, n: pipeline.classifier_batches(
           source, batch_size=b, seed=config.seed + 2, shard_index=i, shard_count=n,
-          fields=("ctr",)),
+          fields=("ctr",), worker_count=config.data.workers),
       global_batch=sh.global_batch_size(c.batch_per_device, 0, mesh, "ctr"),
       total_steps=c.steps, log_every=c.log_every, ckpt_every=max(c.steps, 1), keep=1,
       seed=config.seed + 2)
-  return run_stage(stage, workdir, mesh, progress)
+
+
+STAGES = {"classifier": classifier_stage, "gan": gan_stage, "ctr": ctr_stage}
+
+
+def train_stage(name: str, config, workdir: str, mesh=None, progress: bool = True):
+  """Trains stage `name` ('classifier', 'gan' or 'ctr'), resuming if the workdir has checkpoints."""
+  mesh = mesh or sh.data_mesh()
+  _record_stage_config(config, workdir, name)
+  return run_stage(STAGES[name](config, workdir, mesh), workdir, mesh, progress)
+
+
+def train_classifier(config, workdir: str, mesh=None, progress=True):
+  return train_stage("classifier", config, workdir, mesh, progress)
+
+
+def train_gan(config, workdir: str, mesh=None, progress=True):
+  return train_stage("gan", config, workdir, mesh, progress)
+
+
+def train_ctr(config, workdir: str, mesh=None, progress=True):
+  if config.data.kind != "phantoms":
+    raise UserError("train-ctr needs phantom data (ground-truth CTR); data.kind is "
+                    f"{config.data.kind!r}")
+  return train_stage("ctr", config, workdir, mesh, progress)

@@ -14,10 +14,10 @@ def get_config(arg=None):
   c.data.num_train = 2000
   c.data.num_test = 400
 
-  c.model.gen_width = 16
+  c.model.gen_width = 8
   c.model.gen_res = 3
   c.model.att_width = 8
-  c.model.dis_width = 16
+  c.model.dis_width = 8
   c.model.cls_width = 16
 
   c.classifier.steps = 400

@@ -131,11 +131,30 @@ def test_classifier_shards_are_disjoint_and_cover(train):
   for shard in range(2):
     it = pipeline.classifier_batches(train, batch_size=4, seed=0,
                                      shard_index=shard, shard_count=2)
-    # One epoch of a 12-record shard is 3 batches.
+    # One epoch of 24 records is 3 global batches of 2 x 4.
     seen.append(_keys(np.concatenate([b["image"] for b in _take(it, 3)])))
   assert len(set(seen[0])) == len(set(seen[1])) == NUM_TRAIN // 2
   assert not set(seen[0]) & set(seen[1])
   assert sorted(seen[0] + seen[1]) == sorted(_source_keys(train))
+
+
+def test_global_batches_do_not_depend_on_the_process_count(train):
+  """2 processes x B=4 read exactly the global batches 1 process x B=8 reads."""
+  one = pipeline.classifier_batches(train, batch_size=8, seed=5)
+  two = [pipeline.classifier_batches(train, batch_size=4, seed=5, shard_index=k,
+                                     shard_count=2) for k in range(2)]
+  for _ in range(4):  # crosses an epoch boundary (3 global batches an epoch)
+    whole = next(one)
+    parts = [next(it) for it in two]
+    np.testing.assert_array_equal(whole["image"], np.concatenate([p["image"] for p in parts]))
+  gan_one = pipeline.gan_batches(train, batch_size=4, seed=5)
+  gan_two = [pipeline.gan_batches(train, batch_size=2, seed=5, shard_index=k, shard_count=2)
+             for k in range(2)]
+  for _ in range(4):
+    whole = next(gan_one)
+    parts = [next(it) for it in gan_two]
+    for d in records.CLASS_KEYS:
+      np.testing.assert_array_equal(whole[d], np.concatenate([p[d] for p in parts]))
 
 
 def test_classifier_class_weights(train):
@@ -184,7 +203,7 @@ def test_gan_shards_are_disjoint(train):
   for shard in range(2):
     it = pipeline.gan_batches(train, batch_size=2, seed=0, shard_index=shard,
                               shard_count=2)
-    batches = _take(it, 3)  # One epoch: 6 images per domain per shard.
+    batches = _take(it, 3)  # One epoch: 3 global batches of 2 x 2 per domain.
     seen.append({d: set(_keys(np.concatenate([b[d] for b in batches])))
                  for d in records.CLASS_KEYS})
   for d in records.CLASS_KEYS:

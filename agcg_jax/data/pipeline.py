@@ -8,11 +8,12 @@ and shard, and checkpointable: `it.get_state()` after k batches, given to
 `set_state` of a freshly built iterator, makes it yield exactly the batches
 the first would have yielded next (Orbax saves that state beside the model).
 
-Sharding is per process: process `shard_index` of `shard_count` reads the
-records `shard_index::shard_count` of the split (training) or a contiguous
-block of it (evaluation), so processes never read the same record, and each
-yields its per-process batch of B; the caller assembles the global batch
-(`jax.make_array_from_process_local_data`).
+Sharding is per process. Training: one global shuffled stream (the same on
+every process), cut into global batches of B * shard_count; process
+`shard_index` reads only its B records of each, so the global batches are a
+function of (seed, step) alone, whatever the number of processes.
+Evaluation: each process reads a contiguous block. The caller assembles the
+global batch (`jax.make_array_from_process_local_data`).
 
 Workers: `worker_count=0` (the default) decodes in threads of this process;
 `worker_count > 0` adds Grain worker processes, which re-import this module
@@ -176,6 +177,46 @@ class _Lookup:
     return self._source[int(index)]
 
 
+class _LoadPair:
+  """(index, index) -> (image, image): records are read only for this process's share."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __call__(self, pair):
+    return tuple(_image_only(self._source[int(i)]) for i in pair)
+
+
+class _ProcessSlice:
+  """Position j of process k's stream -> its element of the global stream.
+
+  The global stream is cut into global batches of B * n elements; process k
+  takes elements [k * B, (k + 1) * B) of each. So the sequence of global
+  batches depends only on (seed, step), not on how many processes read it:
+  one process with 8 devices and two with 4 train on the same batches.
+  """
+
+  def __init__(self, ds: grain.MapDataset, batch_size: int, shard_index: int,
+               shard_count: int):
+    self._ds = ds
+    self._b, self._k, self._n = batch_size, shard_index, shard_count
+
+  def __call__(self, j) -> Any:
+    j = int(j)
+    g = (j // self._b) * self._b * self._n + self._k * self._b + j % self._b
+    return self._ds[g]
+
+
+def _process_view(ds: grain.MapDataset, batch_size: int, shard_index: int,
+                  shard_count: int) -> grain.MapDataset:
+  """This process's share of an infinite global stream (see _ProcessSlice)."""
+  if shard_count == 1:
+    return ds
+  length = len(ds) // shard_count
+  return grain.MapDataset.range(length).map(
+      _ProcessSlice(ds, batch_size, shard_index, shard_count))
+
+
 def _domain_pair(pair) -> dict[str, np.ndarray]:
   return dict(zip(records.CLASS_KEYS, pair))
 
@@ -293,14 +334,14 @@ def classifier_batches(source, *, batch_size: int, seed: int,
                        ) -> grain.DatasetIterator:
   """Infinite shuffled classifier batches of this process's shard.
 
-  Each epoch (of the shard) is a new permutation derived from `seed`.
+  Each epoch is a new permutation of the split derived from `seed`.
 
   Args:
     source: random-access records (`open_source`).
     batch_size: B, the per-process batch.
     seed: shuffle seed.
-    shard_index, shard_count: this process reads records
-      `shard_index::shard_count`.
+    shard_index, shard_count: this process reads the shard_index-th B
+      records of each global batch of B * shard_count.
     class_weights: None, or per-class loss weights (a sequence in label
       order, or a mapping keyed by class name / key / label); then batches
       carry `weight`.
@@ -317,12 +358,13 @@ def classifier_batches(source, *, batch_size: int, seed: int,
   """
   _check_batch(batch_size)
   _check_shard(shard_index, shard_count)
-  ds = grain.MapDataset.source(source)[shard_index::shard_count]
-  if len(ds) == 0:
-    raise UserError(f"shard {shard_index} of {shard_count} is empty: the "
-                    f"split has only {len(source)} records")
-  ds = (ds.shuffle(seed=int(seed)).repeat()
-        .map(_ClassifierExample(_weights_array(class_weights), fields)))
+  ds = grain.MapDataset.source(source)
+  if len(ds) < batch_size * shard_count:
+    raise UserError(f"the split has only {len(source)} records, fewer than "
+                    f"one global batch of {batch_size * shard_count}")
+  ds = _process_view(ds.shuffle(seed=int(seed)).repeat(), batch_size,
+                     shard_index, shard_count)
+  ds = ds.map(_ClassifierExample(_weights_array(class_weights), fields))
   it = _to_iter(ds, worker_count, read_threads)
   return iter(it.batch(batch_size, drop_remainder=True))
 
@@ -341,8 +383,8 @@ def gan_batches(source, *, batch_size: int, seed: int, shard_index: int = 0,
     source: random-access records (`open_source`).
     batch_size: B per domain, per process.
     seed: shuffle seed (each domain derives its own from it).
-    shard_index, shard_count: this process reads every shard_count-th record
-      of each domain, from shard_index.
+    shard_index, shard_count: this process reads the shard_index-th B
+      images of each domain's global batch of B * shard_count.
     labels: int [len(source)] labels if already known (else read with
       `labels_of`).
     worker_count, read_threads: as in `classifier_batches`.
@@ -360,15 +402,16 @@ def gan_batches(source, *, batch_size: int, seed: int, shard_index: int = 0,
   labels = labels_of(source) if labels is None else np.asarray(labels)
   streams = []
   for domain in range(records.NUM_CLASSES):
-    idx = np.flatnonzero(labels == domain)[shard_index::shard_count]
+    idx = np.flatnonzero(labels == domain)
     if idx.size == 0:
-      raise UserError(f"no {records.CLASS_NAMES[domain]!r} images in shard "
-                      f"{shard_index} of {shard_count} of the {len(labels)} "
-                      "records: the GAN needs both classes")
+      raise UserError(f"no {records.CLASS_NAMES[domain]!r} images among the "
+                      f"{len(labels)} records: the GAN needs both classes")
     streams.append(
-        grain.MapDataset.source(idx.tolist()).map(_Lookup(source))
-        .shuffle(seed=_domain_seed(seed, domain)).repeat().map(_image_only))
-  ds = grain.experimental.ZipMapDataset(streams).map(_domain_pair)
+        grain.MapDataset.source(idx.tolist())
+        .shuffle(seed=_domain_seed(seed, domain)).repeat())
+  ds = _process_view(grain.experimental.ZipMapDataset(streams), batch_size,
+                     shard_index, shard_count)
+  ds = ds.map(_LoadPair(source)).map(_domain_pair)
   it = _to_iter(ds, worker_count, read_threads)
   return iter(it.batch(batch_size, drop_remainder=True))
 

@@ -1,0 +1,121 @@
+"""End to end through the real CLI: the whole chain on tiny settings, the notebook
+on the finished run, and bad input answered with one line, never a traceback."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.test_notebook import _EXECUTE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "demo.py") + ":tiny"
+
+
+def agcg(*args, env=None, timeout=600):
+  return subprocess.run([sys.executable, "-m", "agcg_jax.cli", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(proc, *needles):
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+  err = proc.stderr.strip().splitlines()
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert err and err[-1].startswith("agcg: error: "), proc.stderr[-2000:]
+  for n in needles:
+    assert n in err[-1], err[-1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  proc = agcg("demo", "--config", TINY, "--workdir", workdir)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, proc
+
+
+@pytest.mark.slow
+def test_demo_chain_writes_report_metrics_and_logs(tiny_run):
+  workdir, proc = tiny_run
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    m = json.load(f)
+  for key in ("accuracy_original", "accuracy_translated", "attention_border_enrichment",
+              "ctr_direction_correct", "cam_attention_pearson", "ctr_regressor_mae"):
+    assert key in m and np.isfinite(m[key]), key
+  assert 0.0 <= m["accuracy_original"] <= 1.0
+  assert np.sum(m["confusion_original"]) == m["num_test"] == 16
+  assert m["class_names"] == ["No Finding", "Cardiomegaly"]
+  html = open(os.path.join(workdir, "report.html")).read()
+  assert "Cardiomegaly" in html and "figures/" in html
+  for stage, steps in (("classifier", 6), ("gan", 6), ("ctr", 6)):
+    rows = [json.loads(l) for l in open(os.path.join(workdir, stage, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == list(range(2, steps + 1, 2)), stage
+  assert "report:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_rerunning_the_finished_demo_resumes_instead_of_retraining(tiny_run):
+  workdir, _ = tiny_run
+  before = open(os.path.join(workdir, "gan", "metrics.jsonl")).read()
+  proc = agcg("demo", "--config", TINY, "--workdir", workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert open(os.path.join(workdir, "gan", "metrics.jsonl")).read() == before
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_the_tiny_run(tiny_run, tmp_path):
+  workdir, _ = tiny_run
+  out = tmp_path / "executed.ipynb"
+  proc = subprocess.run(
+      [sys.executable, "-c", _EXECUTE, os.path.join(ROOT, "notebooks", "explore_run.py"), str(out),
+       os.path.join(ROOT, "notebooks")],
+      env={**os.environ, "AGCG_WORKDIR": workdir}, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cells = [c for c in json.load(open(out))["cells"] if c["cell_type"] == "code"]
+  outputs = [o for c in cells for o in c.get("outputs", [])]
+  assert not [o for o in outputs if o["output_type"] == "error"]
+  assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 3
+
+
+@pytest.mark.slow
+def test_workdir_of_another_config_is_refused(tiny_run):
+  workdir, _ = tiny_run
+  proc = agcg("train-gan", "--config", TINY, "--workdir", workdir, "--config.gan.lr_d=1e-3")
+  assert_one_line_error(proc, "holds a run of another config", "gan.lr_d")
+
+
+def test_unknown_config_key_is_one_line(tmp_path):
+  proc = agcg("train-gan", "--config", TINY, "--workdir", str(tmp_path), "--config.gan.lr_x=1")
+  assert_one_line_error(proc, "unknown config key 'gan.lr_x'")
+
+
+def test_bad_config_value_and_missing_config_file(tmp_path):
+  proc = agcg("train-gan", "--config", TINY, "--workdir", str(tmp_path), "--config.gan.steps=many")
+  assert_one_line_error(proc, "gan.steps", "integer")
+  proc = agcg("train-gan", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path))
+  assert_one_line_error(proc, "nope.py")
+
+
+def test_missing_dataset_is_one_line(tmp_path):
+  missing = str(tmp_path / "no_data_here")
+  proc = agcg("train-classifier", "--config", TINY, "--workdir", str(tmp_path / "run"),
+              f"--config.data.dir={missing}")
+  assert_one_line_error(proc, missing)
+
+
+def test_evaluate_before_training_is_one_line(tmp_path):
+  proc = agcg("evaluate", "--config", TINY, "--workdir", str(tmp_path))
+  assert_one_line_error(proc, "train-classifier")
+
+
+def test_help_says_what_it_does():
+  proc = agcg("--help")
+  assert proc.returncode == 0
+  for cmd in ("prepare-phantoms", "prepare-nih", "train-classifier", "train-gan", "evaluate",
+              "explain", "demo", "bench"):
+    assert cmd in proc.stdout
+  sub = agcg("train-gan", "--help")
+  assert sub.returncode == 0 and "--config" in sub.stdout and "--workdir" in sub.stdout

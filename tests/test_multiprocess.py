@@ -1,0 +1,188 @@
+"""Real processes: two JAX processes over localhost, SIGTERM and SIGKILL with resume.
+
+Each test starts `agcg` subprocesses (real jax.distributed with CPU gloo
+collectives, real signals) on the tiny config.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from agcg_jax import config as config_lib
+from agcg_jax import state as S
+from agcg_jax import train
+from agcg_jax.data import tfds_phantoms
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "demo.py") + ":tiny"
+pytestmark = pytest.mark.multiprocess
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int, **extra) -> dict:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def _cmd(command, workdir, data_dir, *overrides):
+  return [sys.executable, "-m", "agcg_jax.cli", command, "--config", TINY, "--workdir", workdir,
+          f"--config.data.dir={data_dir}", *overrides]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_config):
+  d = str(tmp_path_factory.mktemp("mp_data"))
+  c = tiny_config.data
+  tfds_phantoms.prepare_phantoms(d, size=c.image_size, num_train=c.num_train,
+                                 num_test=c.num_test, seed=0)
+  return d
+
+
+def _final_params(workdir, tiny_config, data_dir):
+  config = config_lib.apply_overrides(tiny_config, [f"data.dir={data_dir}"])
+  params, step = train.restore_params(workdir, "gan", S.gan_init_fn(config))
+  return jax.device_get(params), step
+
+
+def _steps_logged(workdir):
+  path = os.path.join(workdir, "gan", "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  out = []
+  for line in open(path):
+    try:
+      out.append(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError):
+      pass
+  return out
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_the_same_devices(tmp_path, data_dir, tiny_config):
+  one = str(tmp_path / "one")
+  proc = subprocess.run(_cmd("train-gan", one, data_dir), env=_env(4), cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  two = str(tmp_path / "two")
+  port = _free_port()
+  procs = [subprocess.Popen(_cmd("train-gan", two, data_dir), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=_env(2, AGCG_DISTRIBUTED=1, AGCG_COORDINATOR=f"127.0.0.1:{port}",
+                                     AGCG_NUM_PROCESSES=2, AGCG_PROCESS_ID=i, AGCG_INIT_TIMEOUT=60))
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  p1, s1 = _final_params(one, tiny_config, data_dir)
+  p2, s2 = _final_params(two, tiny_config, data_dir)
+  assert s1 == s2 == tiny_config.gan.steps
+  # Same global batches (the data order does not depend on the process
+  # count) and the same 4-way sharded step; parameters agree up to the
+  # rounding of the cross-process reduction, which Adam can turn into at
+  # most about one learning rate per step.
+  lr = max(tiny_config.gan.lr_d, tiny_config.gan.lr_g)
+  chex.assert_trees_all_close(p1, p2, atol=2 * lr * tiny_config.gan.steps ** 0.5)
+  moved = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(
+      jax.tree.map(lambda x, y: x - y, p1, jax.device_get(
+          jax.jit(S.gan_init_fn(tiny_config))(jax.random.PRNGKey(tiny_config.seed + 1)).params))))
+  assert moved > 2 * lr
+  # Only process 0 wrote the metrics file, once per logged step.
+  assert _steps_logged(two) == list(range(2, tiny_config.gan.steps + 1, 2))
+
+
+def _wait_for(predicate, proc, timeout=300):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if predicate():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"process ended early: {proc.stderr.read()[-3000:]}")
+    time.sleep(0.05)
+  raise AssertionError("timed out")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resumes_exactly_and_sigkill_resumes_from_last_checkpoint(
+    tmp_path, data_dir, tiny_config):
+  overrides = ["--config.gan.steps=40", "--config.gan.ckpt_every=10", "--config.gan.log_every=1"]
+  straight = str(tmp_path / "straight")
+  proc = subprocess.run(_cmd("train-gan", straight, data_dir, *overrides), env=_env(8), cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  # SIGTERM in the middle: a checkpoint at the step it stopped, a clean exit.
+  stopped = str(tmp_path / "stopped")
+  p = subprocess.Popen(_cmd("train-gan", stopped, data_dir, *overrides), env=_env(8), cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for(lambda: len(_steps_logged(stopped)) >= 3, p)
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == 0, err[-3000:]
+  assert "stopped by a signal at step" in out
+  stop_step = int(out.split("stopped by a signal at step ")[1].split(";")[0])
+  assert 3 <= stop_step < 40
+  # SIGKILL after that: the resumed run restarts from the last complete checkpoint.
+  p = subprocess.Popen(_cmd("train-gan", stopped, data_dir, *overrides), env=_env(8), cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for(lambda: max(_steps_logged(stopped) or [0]) >= min(stop_step + 12, 39), p)
+  p.kill()
+  out, _ = p.communicate(timeout=60)
+  assert f"resuming from step {stop_step} of 40" in out
+  ckpts = sorted(int(d) for d in os.listdir(os.path.join(stopped, "gan", "checkpoints")) if d.isdigit())
+  last_complete = max(ckpts)
+  proc = subprocess.run(_cmd("train-gan", stopped, data_dir, *overrides), env=_env(8), cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  resumed_from = int(proc.stdout.split("resuming from step ")[1].split()[0])
+  assert resumed_from == last_complete > stop_step
+  # The metrics file reads as one run, and the parameters equal the run never stopped.
+  assert _steps_logged(stopped) == list(range(1, 41))
+  config = config_lib.apply_overrides(tiny_config, [f"data.dir={data_dir}", "gan.steps=40"])
+  a, _ = train.restore_params(straight, "gan", S.gan_init_fn(config))
+  b, _ = train.restore_params(stopped, "gan", S.gan_init_fn(config))
+  chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
+
+
+def _one_line(proc, *needles):
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("agcg: error: ")
+  for n in needles:
+    assert n in last, last
+
+
+def test_unreachable_coordinator_is_a_clear_error_after_a_bounded_wait(tmp_path, data_dir):
+  t0 = time.time()
+  proc = subprocess.run(_cmd("train-gan", str(tmp_path), data_dir), cwd=ROOT, capture_output=True,
+                        text=True, timeout=300,
+                        env=_env(1, AGCG_DISTRIBUTED=1, AGCG_COORDINATOR=f"127.0.0.1:{_free_port()}",
+                                 AGCG_NUM_PROCESSES=2, AGCG_PROCESS_ID=1, AGCG_INIT_TIMEOUT=5))
+  _one_line(proc, "could not start the multi-process runtime", "127.0.0.1")
+  assert time.time() - t0 < 120
+
+
+def test_process_id_out_of_range_and_indivisible_global_batch(tmp_path, data_dir):
+  proc = subprocess.run(_cmd("train-gan", str(tmp_path), data_dir), cwd=ROOT, capture_output=True,
+                        text=True, timeout=120,
+                        env=_env(1, AGCG_DISTRIBUTED=1, AGCG_COORDINATOR="127.0.0.1:1",
+                                 AGCG_NUM_PROCESSES=2, AGCG_PROCESS_ID=3))
+  _one_line(proc, "AGCG_PROCESS_ID=3")
+  proc = subprocess.run(_cmd("train-gan", str(tmp_path / "b"), data_dir, "--config.gan.global_batch=3"),
+                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env(8))
+  _one_line(proc, "gan.global_batch=3", "8 devices")

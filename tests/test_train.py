@@ -1,0 +1,71 @@
+"""Training loops: checkpoint, restore and continue equals training straight through."""
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from agcg_jax import config as config_lib
+from agcg_jax import train
+from agcg_jax.data import tfds_phantoms
+from agcg_jax.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_config):
+  d = str(tmp_path_factory.mktemp("data"))
+  c = tiny_config.data
+  tfds_phantoms.prepare_phantoms(d, size=c.image_size, num_train=c.num_train,
+                                 num_test=c.num_test, seed=0)
+  return d
+
+
+def _config(tiny_config, data_dir):
+  return config_lib.apply_overrides(tiny_config, [f"data.dir={data_dir}", "gan.ckpt_every=2",
+                                                  "gan.log_every=1"])
+
+
+def _params(workdir, config):
+  from agcg_jax import state as S
+  params, step = train.restore_params(workdir, "gan", S.gan_init_fn(config))
+  return jax.device_get(params), step
+
+
+def test_checkpoint_restore_continue_equals_straight_through(tiny_config, data_dir, tmp_path,
+                                                             one_device_mesh):
+  config = _config(tiny_config, data_dir)
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  mesh = one_device_mesh
+  train.run_stage(train.gan_stage(config, straight, mesh), straight, mesh, progress=False)
+  # The same run, stopped after 3 of its 6 steps (the stage object's total),
+  # then continued by a fresh stage from the checkpoint in the workdir.
+  first = train.gan_stage(config, resumed, mesh)
+  first.total_steps = 3
+  train.run_stage(first, resumed, mesh, progress=False)
+  assert _params(resumed, config)[1] == 3
+  train.run_stage(train.gan_stage(config, resumed, mesh), resumed, mesh, progress=False)
+  (p_straight, s1), (p_resumed, s2) = _params(straight, config), _params(resumed, config)
+  assert s1 == s2 == 6
+  chex.assert_trees_all_equal(p_straight, p_resumed)
+  # The metrics file reads as one run: steps 1..6 once each, same values.
+  rows = lambda w: [json.loads(l) for l in open(os.path.join(w, "gan", "metrics.jsonl"))]
+  assert [r["step"] for r in rows(resumed)] == list(range(1, 7))
+  for a, b in zip(rows(straight), rows(resumed)):
+    assert a["g_loss"] == b["g_loss"] and a["d_loss"] == b["d_loss"]
+
+
+def test_resume_drops_metrics_logged_after_the_last_checkpoint(tmp_path):
+  path = str(tmp_path / "metrics.jsonl")
+  with open(path, "w") as f:
+    for s in range(1, 6):
+      f.write(json.dumps({"step": s}) + "\n")
+    f.write('{"step": 6, "g_lo')  # cut short by a kill
+  train.MetricsLog(path, resume_step=4, enabled=True)
+  assert [json.loads(l)["step"] for l in open(path)] == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_stops_with_a_clear_message():
+  with pytest.raises(UserError, match="non-finite g_loss at step 7"):
+    train._check_finite({"g_loss": np.float32("nan"), "d_loss": np.float32(1.0)}, 7, "gan")

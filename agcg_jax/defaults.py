@@ -64,6 +64,8 @@ def base() -> ml_collections.ConfigDict:
   g.cycle_loss = "mse"         # mse | l1
   g.lambda_cycle = 10.0
   g.lambda_identity = 0.0
+  g.lambda_attention_l1 = 0.0   # not in the paper: sparsity of the attention map (GANimation)
+  g.lambda_attention_tv = 0.0   # not in the paper: smoothness of the attention map
   g.log_every = 100
   g.ckpt_every = 2000
   g.keep = 3

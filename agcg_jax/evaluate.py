@@ -32,7 +32,12 @@ def _eval_fn(cls_model, gan_models, ctr_model, size):
   def fn(cls_params, gan_params, ctr_params, images, labels):
     logits, cams = cam_lib.logits_and_cam(cls_model, cls_params, images)
     pred = jnp.argmax(logits, -1)
-    cam_pred = jnp.take_along_axis(cam_lib.upsample(cams, size), pred[:, None, None, None], axis=-1)
+    up = cam_lib.upsample(cams, size)
+    cam_pred = jnp.take_along_axis(up, pred[:, None, None, None], axis=-1)
+    # The decision's own map: CAM of the logit margin (pred minus the other
+    # class), whose spatial mean plus the bias difference is the margin.
+    # Softmax ignores what both class CAMs share; this map does too.
+    cam_margin = 2.0 * cam_pred - jnp.sum(up, axis=-1, keepdims=True)
     # Each image goes into the other class: No Finding -> Cardiomegaly and back.
     outs = {k: translate(gan_models, gan_params, k, images) for k in CLASS_KEYS}
     to_cm = (labels == 1)[:, None, None, None]  # the source is Cardiomegaly: translate to No Finding
@@ -42,7 +47,7 @@ def _eval_fn(cls_model, gan_models, ctr_model, size):
     out = {
         "prob": jax.nn.softmax(logits, -1), "pred": pred,
         "pred_translated": jnp.argmax(logits_t, -1),
-        "cam": cam_pred[..., 0], "attention": att[..., 0], "generated": gen[..., 0],
+        "cam": cam_pred[..., 0], "cam_margin": cam_margin[..., 0], "attention": att[..., 0], "generated": gen[..., 0],
         "fake": fake[..., 0],
     }
     if ctr_model is not None:
@@ -89,8 +94,9 @@ class _Accumulator:
     self.n_ex = num_examples
     self.labels, self.pred, self.pred_t = [], [], []
     self.ctr = {"real": [], "fake": [], "true": []}
-    self.band = {"att_in": 0.0, "att_all": 0.0, "cam_in": 0.0, "cam_all": 0.0, "area_in": 0.0, "area_all": 0.0}
-    self.r = []
+    self.band = {"att_in": 0.0, "att_all": 0.0, "cam_in": 0.0, "cam_all": 0.0, "margin_in": 0.0,
+                 "margin_all": 0.0, "area_in": 0.0, "area_all": 0.0}
+    self.r, self.r_margin = [], []
     self.box = {"att_share": [], "cam_share": [], "att_point": [], "cam_point": []}
     self.examples = {d: {k: [] for k in ("real", "attention", "generated", "fake", "id",
                                          "ctr_real", "ctr_fake", "heart_mask")} for d in DIRECTIONS}
@@ -105,7 +111,10 @@ class _Accumulator:
       self.pred_t.append(int(out["pred_translated"][b]))
       att = out["attention"][b].astype(np.float64)
       cam = _norm01(out["cam"][b].astype(np.float64))
+      margin = out["cam_margin"][b].astype(np.float64)
       self.r.append(pearson(att, cam))
+      self.r_margin.append(pearson(att, margin))
+      margin_pos = np.maximum(margin, 0.0)
       if "ctr_real" in out:
         self.ctr["real"].append(float(out["ctr_real"][b]))
         self.ctr["fake"].append(float(out["ctr_fake"][b]))
@@ -116,6 +125,8 @@ class _Accumulator:
         self.band["att_all"] += att.sum()
         self.band["cam_in"] += cam[band].sum()
         self.band["cam_all"] += cam.sum()
+        self.band["margin_in"] += margin_pos[band].sum()
+        self.band["margin_all"] += margin_pos.sum()
         self.band["area_in"] += band.sum()
         self.band["area_all"] += band.size
       if "has_cardiomegaly_box" in batch and int(batch["has_cardiomegaly_box"][b]):
@@ -160,12 +171,15 @@ class _Accumulator:
         "flip_rate": {CLASS_NAMES[c]: float(np.mean(p[y == c] != pt[y == c])) if np.any(y == c) else None
                       for c in range(NUM_CLASSES)},
         "cam_attention_pearson": float(np.mean(self.r)),
+        "cam_margin_attention_pearson": float(np.mean(self.r_margin)),
     }
     if self.band["area_all"] > 0:
       area = self.band["area_in"] / self.band["area_all"]
       m["border_band_area_share"] = float(area)
       m["attention_border_enrichment"] = float(self.band["att_in"] / max(self.band["att_all"], 1e-12) / area)
       m["cam_border_enrichment"] = float(self.band["cam_in"] / max(self.band["cam_all"], 1e-12) / area)
+      m["cam_margin_border_enrichment"] = float(
+          self.band["margin_in"] / max(self.band["margin_all"], 1e-12) / area)
     if self.ctr["real"]:
       real, fake, true = (np.asarray(self.ctr[k]) for k in ("real", "fake", "true"))
       # Into Cardiomegaly the heart must grow; into No Finding it must shrink.

@@ -78,6 +78,23 @@ METRICS = {
         "CAM-attention correlation", "float",
         "Pearson correlation over pixels between the classifier's CAM and the "
         "translator's attention map (1 = same pattern, 0 = unrelated)."),
+    "cam_margin_border_enrichment": (
+        "Margin-CAM border enrichment", "float",
+        "Border enrichment of the positive part of the margin CAM (CAM of the "
+        "predicted class minus CAM of the other: the map whose mean is the "
+        "decision's logit margin); 1 = chance."),
+    "cam_margin_attention_pearson": (
+        "Margin-CAM-attention correlation", "float",
+        "Pearson correlation over pixels between the margin CAM and the attention "
+        "map."),
+    "border_band_area_share": (
+        "Border band area", "pct",
+        "Share of the image covered by the band around the true heart border "
+        "(the chance level of the enrichment ratios)."),
+    "ctr_crosses_threshold": (
+        "CTR crosses 0.5", "pct",
+        "Share of translated test images whose measured CTR ends on the target "
+        "class's side of 0.5 (the phantoms' label threshold)."),
     "ctr_direction_correct": (
         "CTR moved the right way", "pct",
         "Share of translated test images whose measured cardiothoracic ratio moved "

@@ -44,7 +44,7 @@ def gan_generator_loss(gen_params, dis_params, batch, *, models, cfg):
   discriminator loss cannot reach the generators through them.
   """
   params = {**gen_params, **dis_params}
-  fakes, metrics, adv, cyc, idt = {}, {}, 0.0, 0.0, 0.0
+  fakes, metrics, adv, cyc, idt, att_l1, att_tv = {}, {}, 0.0, 0.0, 0.0, 0.0, 0.0
   for target in CLASS_KEYS:
     src = batch[other(target)]
     fake, att, _ = translate(models, params, target, src)
@@ -58,12 +58,18 @@ def gan_generator_loss(gen_params, dis_params, batch, *, models, cfg):
     metrics[f"g_adv_{target}"] = adv_t
     metrics[f"cycle_{other(target)}"] = cyc_t
     metrics[f"attention_mean_{target}"] = jnp.mean(att)
+    # Optional attention priors (not in the paper; GANimation's L1 + TV on
+    # its attention mask): a sparse, smooth map says "where" more sharply.
+    att_l1 += jnp.mean(att)
+    att_tv += (jnp.mean(jnp.abs(att[:, 1:] - att[:, :-1])) +
+               jnp.mean(jnp.abs(att[:, :, 1:] - att[:, :, :-1])))
     if cfg.lambda_identity > 0:
       same, _, _ = translate(models, params, target, batch[target])
       idt += losses.cycle_loss(same, batch[target], "l1")
     fakes[target] = jax.lax.stop_gradient(fake)
-  loss = adv + cfg.lambda_cycle * cyc + cfg.lambda_identity * idt
-  metrics.update(g_loss=loss, g_adv=adv, cycle=cyc)
+  loss = (adv + cfg.lambda_cycle * cyc + cfg.lambda_identity * idt
+          + cfg.lambda_attention_l1 * att_l1 + cfg.lambda_attention_tv * att_tv)
+  metrics.update(g_loss=loss, g_adv=adv, cycle=cyc, attention_tv=att_tv)
   return loss, (fakes, metrics)
 
 

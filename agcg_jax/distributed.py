@@ -7,6 +7,8 @@ AGCG_PROCESS_ID. On the CPU (tests, two processes on one machine) the gloo
 collectives are used.
 """
 import os
+import socket
+import time
 
 import jax
 
@@ -39,6 +41,8 @@ def initialize(timeout_s: int | None = None) -> None:
     if not 0 <= pid_i < num_i:
       raise UserError(f"AGCG_PROCESS_ID={pid_i} is not in [0, AGCG_NUM_PROCESSES={num_i})")
     kwargs = dict(coordinator_address=coordinator, num_processes=num_i, process_id=pid_i)
+  if coordinator and int(pid) != 0:
+    _wait_for_coordinator(coordinator, timeout_s)
   if os.environ.get("JAX_PLATFORMS", "") == "cpu" or (
       coordinator and coordinator.startswith(("127.", "localhost"))):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -52,3 +56,27 @@ def initialize(timeout_s: int | None = None) -> None:
   if coordinator and jax.process_count() != int(num):
     raise UserError(f"AGCG_NUM_PROCESSES={num} but the runtime sees {jax.process_count()} processes")
   _started = True
+
+
+def _wait_for_coordinator(address: str, timeout_s: int) -> None:
+  """Waits (bounded) until the coordinator's port accepts connections.
+
+  JAX's client aborts the whole process (a C++ fatal error, no Python
+  exception) when the coordinator never answers; checking first turns that
+  into a one-line error.
+  """
+  host, _, port = address.rpartition(":")
+  try:
+    port_i = int(port)
+  except ValueError:
+    raise UserError(f"AGCG_COORDINATOR={address!r}: expected HOST:PORT") from None
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), port_i), timeout=2):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise UserError(f"could not start the multi-process runtime: coordinator {address} "
+                        f"not reachable after {timeout_s} s ({e.strerror or e})") from None
+      time.sleep(0.5)

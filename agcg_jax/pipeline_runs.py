@@ -21,10 +21,10 @@ def prepare_phantoms(config, workdir: str) -> str:
 
 
 def _report_stage(name: str, status: str, state) -> int:
-  if status == "stopped":
+  """A stop signal is a clean exit (status 0) after the checkpoint; say how to go on."""
+  if status == "stopped" and train.is_main_process():
     print(f"agcg: {name} stopped by a signal at step {int(state.step)}; checkpoint saved. "
-          "Run the same command to resume.")
-    return 0
+          "Run the same command to resume.", flush=True)
   return 0
 
 

@@ -177,6 +177,31 @@ def test_unreachable_coordinator_is_a_clear_error_after_a_bounded_wait(tmp_path,
   assert time.time() - t0 < 120
 
 
+def test_process_count_that_does_not_match_is_a_clear_error(tmp_path, data_dir):
+  port = _free_port()
+  # Three processes announced, two started: both give up after the bounded wait.
+  procs = [subprocess.Popen(_cmd("train-gan", str(tmp_path), data_dir), cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(1, AGCG_DISTRIBUTED=1, AGCG_COORDINATOR=f"127.0.0.1:{port}",
+                                     AGCG_NUM_PROCESSES=3, AGCG_PROCESS_ID=i, AGCG_INIT_TIMEOUT=6))
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=120)
+    _one_line(subprocess.CompletedProcess(p.args, p.returncode, "", err),
+              "only 2 of AGCG_NUM_PROCESSES=3 processes")
+  # Processes that disagree on the count: an immediate error on both.
+  port = _free_port()
+  procs = [subprocess.Popen(_cmd("train-gan", str(tmp_path), data_dir), cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(1, AGCG_DISTRIBUTED=1, AGCG_COORDINATOR=f"127.0.0.1:{port}",
+                                     AGCG_NUM_PROCESSES=2 + i, AGCG_PROCESS_ID=i, AGCG_INIT_TIMEOUT=30))
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=120)
+    _one_line(subprocess.CompletedProcess(p.args, p.returncode, "", err),
+              "process 1 says AGCG_NUM_PROCESSES=3 but the coordinator (process 0) says 2")
+
+
 def test_process_id_out_of_range_and_indivisible_global_batch(tmp_path, data_dir):
   proc = subprocess.run(_cmd("train-gan", str(tmp_path), data_dir), cwd=ROOT, capture_output=True,
                         text=True, timeout=120,

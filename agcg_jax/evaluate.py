@@ -155,6 +155,33 @@ class _Accumulator:
         cell["prob"].append(float(out["prob"][b][pred]))
         cell["id"].append(str(batch["id"][b]) if "id" in batch else "")
 
+  def merge_processes(self) -> None:
+    """Every process evaluated its own block of the test set: pool the per-image results.
+
+    The figures' examples stay those of process 0 (a sample is enough there).
+    """
+    if jax.process_count() == 1:
+      return
+    from jax.experimental import multihost_utils
+
+    def gather(values):
+      values = np.asarray(values, np.float32)
+      counts = multihost_utils.process_allgather(np.array([values.size], np.int32)).reshape(-1)
+      padded = np.zeros(int(counts.max()), np.float32)
+      padded[:values.size] = values
+      rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(counts), -1)
+      return np.concatenate([rows[i, :c] for i, c in enumerate(counts)]).tolist()
+    self.labels = [int(v) for v in gather(self.labels)]
+    self.pred = [int(v) for v in gather(self.pred)]
+    self.pred_t = [int(v) for v in gather(self.pred_t)]
+    self.r, self.r_margin = gather(self.r), gather(self.r_margin)
+    for k in self.ctr:
+      self.ctr[k] = gather(self.ctr[k])
+    for k in self.box:
+      self.box[k] = gather(self.box[k])
+    for k in self.band:
+      self.band[k] = float(np.sum(multihost_utils.process_allgather(np.float32(self.band[k]))))
+
   def metrics(self) -> dict:
     y, p, pt = map(np.asarray, (self.labels, self.pred, self.pred_t))
     if y.size == 0:
@@ -248,8 +275,10 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
     out = jax.device_get(fn(cls_params, gan_params, ctr_params, images["image"], images["label"]))
     acc.add(batch, out)
     seen += int(np.sum(batch["valid"]))
-    if config.eval.max_examples and seen >= config.eval.max_examples:
+    # (every process yields the same number of batches, so they stop together)
+    if config.eval.max_examples and seen * jax.process_count() >= config.eval.max_examples:
       break
+  acc.merge_processes()
   metrics = acc.metrics()
   metrics.update({
       "dataset": config.data.kind,

@@ -105,6 +105,38 @@ def test_two_processes_equal_one_process_with_the_same_devices(tmp_path, data_di
   assert _steps_logged(two) == list(range(2, tiny_config.gan.steps + 1, 2))
 
 
+@pytest.mark.slow
+def test_two_processes_evaluate_the_whole_test_set_like_one(tmp_path, data_dir):
+  run = str(tmp_path / "run")
+  for command in ("train-classifier", "train-ctr", "train-gan"):
+    proc = subprocess.run(_cmd(command, run, data_dir), env=_env(4), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  metrics_path = os.path.join(run, "metrics.json")
+  proc = subprocess.run(_cmd("evaluate", run, data_dir), env=_env(4), cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  one = json.load(open(metrics_path))
+  os.remove(metrics_path)
+  port = _free_port()
+  procs = [subprocess.Popen(_cmd("evaluate", run, data_dir), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=_env(2, AGCG_DISTRIBUTED=1, AGCG_COORDINATOR=f"127.0.0.1:{port}",
+                                     AGCG_NUM_PROCESSES=2, AGCG_PROCESS_ID=i, AGCG_INIT_TIMEOUT=60))
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  two = json.load(open(metrics_path))
+  # Each process scored its half; the numbers are those of the whole test set.
+  assert one["num_test"] == two["num_test"] == 16
+  for k in ("confusion_original", "confusion_translated", "flip_rate"):
+    assert one[k] == two[k], k
+  for k in ("accuracy_original", "accuracy_translated", "ctr_direction_correct",
+            "attention_border_enrichment", "cam_attention_pearson", "ctr_regressor_mae"):
+    np.testing.assert_allclose(one[k], two[k], rtol=1e-4, err_msg=k)
+
+
 def _wait_for(predicate, proc, timeout=300):
   t0 = time.time()
   while time.time() - t0 < timeout:

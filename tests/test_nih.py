@@ -461,3 +461,16 @@ def test_builder_alone(tmp_path):
   sizes = {s: len(loaded.as_data_source(s)) for s in nih.SPLIT_NAMES}
   assert sum(sizes.values()) == len(FIXTURE_IMAGES)
   assert loaded.as_data_source("test")[0]["image"].shape == (32, 32, 1)
+
+
+def test_default_options_build_through_the_cli(tmp_path):
+  """All defaults (the builder's registered default config) through `agcg prepare-nih`."""
+  from agcg_jax import cli
+  out = str(tmp_path / "out")
+  assert cli.run(["prepare-nih", "--data-dir", FIXTURE, "--out", out]) == 0
+  with open(os.path.join(out, "cohort.json")) as f:
+    cohort = json.load(f)
+  assert cohort["options"]["split"] == "patient" and cohort["options"]["size"] == 256
+  assert os.path.isfile(os.path.join(out, "nih_chest_xray14",
+                                     "size256_both_patient_undersample_seed0", "1.0.0",
+                                     "dataset_info.json"))

@@ -897,8 +897,11 @@ def prepare_nih(data_dir: str, out_dir: str, *, size: int = 256,
 
   config = tfds_nih.NihConfig.make(size=size, views=views, split=split,
                                    balance=balance, seed=seed)
-  builder = tfds_nih.NihChestXray14(config=config, data_dir=out_dir,
-                                    prepared=(examples, report))
+  # TFDS refuses a config object named like a registered one: pass the name then.
+  registered = {c.name for c in tfds_nih.NihChestXray14.BUILDER_CONFIGS}
+  builder = tfds_nih.NihChestXray14(
+      config=config.name if config.name in registered else config, data_dir=out_dir,
+      prepared=(examples, report))
   version_dir = os.fspath(builder.data_dir)
   metadata_file = os.path.join(version_dir, "metadata.json")
   rebuilt = True

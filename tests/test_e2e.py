@@ -119,3 +119,19 @@ def test_help_says_what_it_does():
     assert cmd in proc.stdout
   sub = agcg("train-gan", "--help")
   assert sub.returncode == 0 and "--config" in sub.stdout and "--workdir" in sub.stdout
+
+
+@pytest.mark.slow
+def test_explain_chosen_images(tiny_run):
+  workdir, _ = tiny_run
+  png = os.path.join(ROOT, "tests", "fixtures", "nih", "images")
+  chosen = os.path.join(png, sorted(os.listdir(png))[0])
+  proc = agcg("explain", "--config", TINY, "--workdir", workdir, "--image", chosen)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  stem = os.path.splitext(os.path.basename(chosen))[0]
+  for d in ("to_cardiomegaly", "to_no_finding"):
+    assert os.path.getsize(os.path.join(workdir, "figures", f"explain_{stem}_{d}.png")) > 1000
+  preds = json.load(open(os.path.join(workdir, "figures", "explain_predictions.json")))
+  assert abs(sum(preds[stem].values()) - 1.0) < 1e-5
+  bad = agcg("explain", "--config", TINY, "--workdir", workdir, "--image", __file__)
+  assert_one_line_error(bad, "not a readable image")

@@ -158,3 +158,14 @@ def test_classifier_step_learns_a_separable_problem(tiny_config, one_device_mesh
   held_out = batch(64)
   logits = model.apply({"params": state.params["classifier"]}, held_out["image"])
   assert float(jnp.mean(jnp.argmax(logits, -1) == held_out["label"])) >= 0.9
+
+
+def test_bf16_gan_step_keeps_fp32_parameters_and_states(tiny_config):
+  config = tiny_config.copy_and_resolve_references()
+  config.model.dtype = "bfloat16"
+  models, g, state = _gan(config)
+  state, m = jax.jit(functools.partial(steps.gan_train_step, models=models, cfg=g))(
+      state, _batch(2, config.data.image_size))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+  assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(state.opt_state))
+  assert np.isfinite(float(m["g_loss"])) and np.isfinite(float(m["d_loss"]))

@@ -75,6 +75,7 @@ def base() -> ml_collections.ConfigDict:
   r.steps = 2000
   r.lr = 1e-3
   r.width = 32
+  r.layers = 3
   r.log_every = 100
 
   c.eval = e = ml_collections.ConfigDict()

@@ -252,13 +252,14 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
   """Runs the classifier, the AG-CycleGAN and (phantoms) the CTR regressor over the test set."""
   mesh = sh.data_mesh(jax.local_devices())
   size = config.data.image_size
-  cls_params, cls_step = train.restore_params(workdir, "classifier", S.classifier_init_fn(config), mesh)
+  cls_params, cls_step = train.restore_params(workdir, "classifier", S.classifier_init_fn(config), mesh,
+                                                config)
   cls_params = cls_params["classifier"]
-  gan_params, gan_step = train.restore_params(workdir, "gan", S.gan_init_fn(config), mesh)
+  gan_params, gan_step = train.restore_params(workdir, "gan", S.gan_init_fn(config), mesh, config)
   phantoms = config.data.kind == "phantoms"
   ctr_params = ctr_model = None
   if phantoms:
-    ctr_params, _ = train.restore_params(workdir, "ctr", S.ctr_init_fn(config), mesh)
+    ctr_params, _ = train.restore_params(workdir, "ctr", S.ctr_init_fn(config), mesh, config)
     ctr_params = ctr_params["ctr"]
     ctr_model = S.ctr_model(config)
   fn = jax.jit(_eval_fn(S.classifier_model(config), S.gan_models(config.model), ctr_model, size))

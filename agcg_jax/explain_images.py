@@ -35,8 +35,9 @@ def explain_files(config, workdir: str, paths) -> list[str]:
     images.append(to_float(u8[..., None]))
     names.append(os.path.splitext(os.path.basename(p))[0])
   x = np.stack(images)
-  cls_params, _ = train.restore_params(workdir, "classifier", S.classifier_init_fn(config))
-  gan_params, _ = train.restore_params(workdir, "gan", S.gan_init_fn(config))
+  cls_params, _ = train.restore_params(workdir, "classifier", S.classifier_init_fn(config),
+                                      config=config)
+  gan_params, _ = train.restore_params(workdir, "gan", S.gan_init_fn(config), config=config)
   cls_model, gan_models = S.classifier_model(config), S.gan_models(config.model)
 
   @jax.jit

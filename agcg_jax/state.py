@@ -105,7 +105,7 @@ def classifier_model(config) -> M.Classifier:
 
 def ctr_model(config) -> M.Classifier:
   # The classifier's architecture with one output: a regressor of the CTR.
-  return M.Classifier(width=config.ctr.width, num_layers=config.model.cls_layers,
+  return M.Classifier(width=config.ctr.width, num_layers=config.ctr.layers,
                       num_classes=1, dtype=compute_dtype(config.model.dtype))
 
 

@@ -40,7 +40,7 @@ MODEL_FIELDS = {
     "classifier": ("dtype", "cls_width", "cls_layers"),
     "gan": ("dtype", "padding", "gen_width", "gen_down", "gen_res", "gen_upsample",
             "att_width", "att_dilations", "dis_width", "dis_layers", "dis_sigmoid"),
-    "ctr": ("dtype",),
+    "ctr": ("dtype",),  # its widths live in config.ctr (recorded with that section)
 }
 
 
@@ -214,20 +214,48 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
   return state, status
 
 
-def restore_params(workdir: str, stage: str, init_fn, mesh=None) -> tuple[dict, int]:
-  """The params of a stage's latest checkpoint, or a UserError saying to train it first."""
+def _check_trained_networks(config, workdir: str, stage: str) -> None:
+  """The networks in a workdir must be those the config describes, or restoring fails deep in Orbax."""
+  path = os.path.join(workdir, stage, "config.json")
+  if config is None or not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      recorded = json.load(f).get("model", {})
+  except (OSError, json.JSONDecodeError):
+    return
+  current = json.loads(json.dumps({k: config.model[k] for k in MODEL_FIELDS[stage]}, default=list))
+  diffs = [f"model.{k}={recorded[k]!r} there, {current[k]!r} here"
+           for k in current if k in recorded and recorded[k] != current[k]]
+  if diffs:
+    raise UserError(f"the {stage} in {os.path.join(workdir, stage)} was trained with other networks "
+                    f"({'; '.join(diffs)}): use the config it was trained with")
+
+
+def restore_params(workdir: str, stage: str, init_fn, mesh=None, config=None) -> tuple[dict, int]:
+  """The params of a stage's latest checkpoint, or a UserError saying to train it first.
+
+  With `config`, the networks recorded in the stage's config.json are checked
+  against it first.
+  """
   mesh = mesh or sh.data_mesh()
   directory = os.path.join(workdir, stage, "checkpoints")
   if not os.path.isdir(directory):
     raise UserError(f"no {stage} checkpoint in {directory}: run `agcg train-{stage}` first")
+  _check_trained_networks(config, workdir, stage)
   ckpt = Checkpointer(directory, keep=1000, asynchronous=False)
   latest = ckpt.latest_step()
   if latest is None:
     raise UserError(f"no complete {stage} checkpoint in {directory}: run `agcg train-{stage}` first")
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-  state, _ = ckpt.restore(latest, abstract_with_shardings(abstract, sh.replicated(mesh)),
-                          with_data=False)
-  ckpt.close()
+  try:
+    state, _ = ckpt.restore(latest, abstract_with_shardings(abstract, sh.replicated(mesh)),
+                            with_data=False)
+  except ValueError as e:  # Orbax: the tree in the checkpoint is not the one asked for
+    raise UserError(f"the {stage} checkpoint in {directory} does not match the config's "
+                    "networks: use the config it was trained with") from e
+  finally:
+    ckpt.close()
   return state.params, int(latest)
 
 

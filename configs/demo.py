@@ -60,6 +60,7 @@ def get_config(arg=None):
     c.gan.ckpt_every = 3
     c.ctr.steps = 6
     c.ctr.width = 4
+    c.ctr.layers = 2
     c.ctr.batch_per_device = 4
     c.ctr.log_every = 2
     c.eval.batch_size = 8

@@ -135,3 +135,10 @@ def test_explain_chosen_images(tiny_run):
   assert abs(sum(preds[stem].values()) - 1.0) < 1e-5
   bad = agcg("explain", "--config", TINY, "--workdir", workdir, "--image", __file__)
   assert_one_line_error(bad, "not a readable image")
+
+
+@pytest.mark.slow
+def test_evaluating_with_other_networks_is_one_line(tiny_run):
+  workdir, _ = tiny_run
+  proc = agcg("evaluate", "--config", TINY, "--workdir", workdir, "--config.model.cls_layers=3")
+  assert_one_line_error(proc, "trained with other networks", "model.cls_layers=2 there, 3 here")

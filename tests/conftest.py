@@ -39,3 +39,14 @@ def one_device_mesh():
 def tiny_config():
   from agcg_jax import config as config_lib
   return config_lib.load_config(os.path.join(ROOT, "configs", "demo.py") + ":tiny")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, tiny_config):
+  """The tiny config's phantom dataset, prepared once per test process."""
+  from agcg_jax.data import tfds_phantoms
+  d = str(tmp_path_factory.mktemp("tiny_data"))
+  c = tiny_config.data
+  tfds_phantoms.prepare_phantoms(d, size=c.image_size, num_train=c.num_train,
+                                 num_test=c.num_test, seed=0)
+  return d

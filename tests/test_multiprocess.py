@@ -19,7 +19,6 @@ import pytest
 from agcg_jax import config as config_lib
 from agcg_jax import state as S
 from agcg_jax import train
-from agcg_jax.data import tfds_phantoms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "demo.py") + ":tiny"
@@ -44,13 +43,16 @@ def _cmd(command, workdir, data_dir, *overrides):
           f"--config.data.dir={data_dir}", *overrides]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tiny_config):
-  d = str(tmp_path_factory.mktemp("mp_data"))
-  c = tiny_config.data
-  tfds_phantoms.prepare_phantoms(d, size=c.image_size, num_train=c.num_train,
-                                 num_test=c.num_test, seed=0)
-  return d
+def _launch(command, workdir, data_dir, *, devices, num, ids=None, timeout_s=60, nums=None):
+  """Starts processes `ids` (default all) of a `num`-process run of `agcg command`."""
+  port = _free_port()
+  ids = range(num) if ids is None else ids
+  return [subprocess.Popen(_cmd(command, workdir, data_dir), cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True,
+                           env=_env(devices, AGCG_DISTRIBUTED=1, AGCG_COORDINATOR=f"127.0.0.1:{port}",
+                                    AGCG_NUM_PROCESSES=num if nums is None else nums[i],
+                                    AGCG_PROCESS_ID=i, AGCG_INIT_TIMEOUT=timeout_s))
+          for i in ids]
 
 
 def _final_params(workdir, tiny_config, data_dir):
@@ -79,12 +81,7 @@ def test_two_processes_equal_one_process_with_the_same_devices(tmp_path, data_di
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   two = str(tmp_path / "two")
-  port = _free_port()
-  procs = [subprocess.Popen(_cmd("train-gan", two, data_dir), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env=_env(2, AGCG_DISTRIBUTED=1, AGCG_COORDINATOR=f"127.0.0.1:{port}",
-                                     AGCG_NUM_PROCESSES=2, AGCG_PROCESS_ID=i, AGCG_INIT_TIMEOUT=60))
-           for i in range(2)]
+  procs = _launch("train-gan", two, data_dir, devices=2, num=2)
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -118,12 +115,7 @@ def test_two_processes_evaluate_the_whole_test_set_like_one(tmp_path, data_dir):
   assert proc.returncode == 0, proc.stderr[-3000:]
   one = json.load(open(metrics_path))
   os.remove(metrics_path)
-  port = _free_port()
-  procs = [subprocess.Popen(_cmd("evaluate", run, data_dir), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env=_env(2, AGCG_DISTRIBUTED=1, AGCG_COORDINATOR=f"127.0.0.1:{port}",
-                                     AGCG_NUM_PROCESSES=2, AGCG_PROCESS_ID=i, AGCG_INIT_TIMEOUT=60))
-           for i in range(2)]
+  procs = _launch("evaluate", run, data_dir, devices=2, num=2)
   for p in procs:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
@@ -210,24 +202,14 @@ def test_unreachable_coordinator_is_a_clear_error_after_a_bounded_wait(tmp_path,
 
 
 def test_process_count_that_does_not_match_is_a_clear_error(tmp_path, data_dir):
-  port = _free_port()
   # Three processes announced, two started: both give up after the bounded wait.
-  procs = [subprocess.Popen(_cmd("train-gan", str(tmp_path), data_dir), cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_env(1, AGCG_DISTRIBUTED=1, AGCG_COORDINATOR=f"127.0.0.1:{port}",
-                                     AGCG_NUM_PROCESSES=3, AGCG_PROCESS_ID=i, AGCG_INIT_TIMEOUT=6))
-           for i in range(2)]
+  procs = _launch("train-gan", str(tmp_path), data_dir, devices=1, num=3, ids=range(2), timeout_s=6)
   for p in procs:
     _, err = p.communicate(timeout=120)
     _one_line(subprocess.CompletedProcess(p.args, p.returncode, "", err),
               "only 2 of AGCG_NUM_PROCESSES=3 processes")
   # Processes that disagree on the count: an immediate error on both.
-  port = _free_port()
-  procs = [subprocess.Popen(_cmd("train-gan", str(tmp_path), data_dir), cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_env(1, AGCG_DISTRIBUTED=1, AGCG_COORDINATOR=f"127.0.0.1:{port}",
-                                     AGCG_NUM_PROCESSES=2 + i, AGCG_PROCESS_ID=i, AGCG_INIT_TIMEOUT=30))
-           for i in range(2)]
+  procs = _launch("train-gan", str(tmp_path), data_dir, devices=1, num=2, timeout_s=30, nums=[2, 3])
   for p in procs:
     _, err = p.communicate(timeout=120)
     _one_line(subprocess.CompletedProcess(p.args, p.returncode, "", err),

@@ -9,17 +9,7 @@ import pytest
 
 from agcg_jax import config as config_lib
 from agcg_jax import train
-from agcg_jax.data import tfds_phantoms
 from agcg_jax.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tiny_config):
-  d = str(tmp_path_factory.mktemp("data"))
-  c = tiny_config.data
-  tfds_phantoms.prepare_phantoms(d, size=c.image_size, num_train=c.num_train,
-                                 num_test=c.num_test, seed=0)
-  return d
 
 
 def _config(tiny_config, data_dir):

@@ -66,6 +66,9 @@ def base() -> ml_collections.ConfigDict:
   g.lambda_identity = 0.0
   g.lambda_attention_l1 = 0.0   # not in the paper: sparsity of the attention map (GANimation)
   g.lambda_attention_tv = 0.0   # not in the paper: smoothness of the attention map
+  g.two_stage_start = 1.0       # original AG-CycleGAN: from this fraction of the run on, freeze
+                                # attention and show D only the attended region; 1 = never (paper)
+  g.attention_threshold = 0.1   # tau of that second stage
   g.log_every = 100
   g.ckpt_every = 2000
   g.keep = 3

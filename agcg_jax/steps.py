@@ -37,11 +37,30 @@ def _global_norm(tree) -> jnp.ndarray:
   return optax.global_norm(tree)
 
 
-def gan_generator_loss(gen_params, dis_params, batch, *, models, cfg):
+def second_stage(step, cfg, total_steps: int):
+  """Whether the optional second training stage is on at `step` (a traced bool).
+
+  The original AG-CycleGAN trains everything, then freezes the attention nets
+  and shows the discriminators only the attended region (attention > tau).
+  The paper did not use it; `gan.two_stage_start` (a fraction of the run,
+  >= 1 = never) turns it on.
+  """
+  if cfg.two_stage_start >= 1.0:
+    return jnp.zeros((), bool)
+  return step >= int(cfg.two_stage_start * total_steps)
+
+
+def _attended(image, attention, on, tau):
+  """image, or in the second stage only its attended region (attention > tau)."""
+  return jnp.where(on, image * (attention > tau).astype(image.dtype), image)
+
+
+def gan_generator_loss(gen_params, dis_params, batch, *, models, cfg, second=False):
   """Adversarial + cycle (+ optional identity) loss of both translations.
 
-  Returns (loss, (fakes, metrics)); fakes are stop_gradient'ed so the
-  discriminator loss cannot reach the generators through them.
+  Returns (loss, (fakes, metrics)); fakes (what the discriminators see) are
+  stop_gradient'ed so the discriminator loss cannot reach the generators
+  through them.
   """
   params = {**gen_params, **dis_params}
   fakes, metrics, adv, cyc, idt, att_l1, att_tv = {}, {}, 0.0, 0.0, 0.0, 0.0, 0.0
@@ -50,7 +69,8 @@ def gan_generator_loss(gen_params, dis_params, batch, *, models, cfg):
     fake, att, _ = translate(models, params, target, src)
     # The cycle path recomputes attention on the translated image (DESIGN.md).
     rec, _, _ = translate(models, params, other(target), fake)
-    logits = models[DIS[target]].apply({"params": params[DIS[target]]}, fake)
+    seen = _attended(fake, att, second, cfg.attention_threshold)
+    logits = models[DIS[target]].apply({"params": params[DIS[target]]}, seen)
     adv_t = losses.g_loss(logits, cfg.adv_loss)
     cyc_t = losses.cycle_loss(rec, src, cfg.cycle_loss)
     adv += adv_t
@@ -66,18 +86,28 @@ def gan_generator_loss(gen_params, dis_params, batch, *, models, cfg):
     if cfg.lambda_identity > 0:
       same, _, _ = translate(models, params, target, batch[target])
       idt += losses.cycle_loss(same, batch[target], "l1")
-    fakes[target] = jax.lax.stop_gradient(fake)
+    fakes[target] = jax.lax.stop_gradient(seen)
   loss = (adv + cfg.lambda_cycle * cyc + cfg.lambda_identity * idt
           + cfg.lambda_attention_l1 * att_l1 + cfg.lambda_attention_tv * att_tv)
   metrics.update(g_loss=loss, g_adv=adv, cycle=cyc, attention_tv=att_tv)
   return loss, (fakes, metrics)
 
 
-def gan_discriminator_loss(dis_params, batch, fakes, *, models, cfg):
-  """Hinge (default) loss of both discriminators on real vs translated images."""
+def gan_discriminator_loss(dis_params, batch, fakes, *, models, cfg, second=False,
+                           att_params=None):
+  """Hinge (default) loss of both discriminators on real vs translated images.
+
+  In the second stage a real image of domain t is shown only where the
+  attention net that would translate it away (att of the other domain)
+  attends; `att_params` holds those nets then.
+  """
   loss, metrics = 0.0, {}
   for target in CLASS_KEYS:
     real, fake = batch[target], fakes[target]
+    if att_params is not None:
+      name = ATT[other(target)]
+      att_real = jax.lax.stop_gradient(models[name].apply({"params": att_params[name]}, real))
+      real = _attended(real, att_real, second, cfg.attention_threshold)
     b = real.shape[0]
     # One call on [real; fake]: instance norm is per image, so this equals two calls.
     logits = models[DIS[target]].apply({"params": dis_params[DIS[target]]},
@@ -101,10 +131,13 @@ def gan_grads(state: TrainState, batch, *, models, cfg):
   """
   gen_params = {n: p for n, p in state.params.items() if not n.startswith("dis_")}
   dis_params = {n: p for n, p in state.params.items() if n.startswith("dis_")}
+  second = second_stage(state.step, cfg, cfg.steps)
   (_, (fakes, m_g)), g_grads = jax.value_and_grad(gan_generator_loss, has_aux=True)(
-      gen_params, dis_params, batch, models=models, cfg=cfg)
+      gen_params, dis_params, batch, models=models, cfg=cfg, second=second)
+  att_params = ({n: p for n, p in gen_params.items() if n.startswith("att_")}
+                if cfg.two_stage_start < 1.0 else None)
   (_, m_d), d_grads = jax.value_and_grad(gan_discriminator_loss, has_aux=True)(
-      dis_params, batch, fakes, models=models, cfg=cfg)
+      dis_params, batch, fakes, models=models, cfg=cfg, second=second, att_params=att_params)
   grads = {**g_grads, **d_grads}
   metrics = {**m_g, **m_d}
   for name, g in grads.items():
@@ -113,9 +146,19 @@ def gan_grads(state: TrainState, batch, *, models, cfg):
 
 
 def gan_train_step(state: TrainState, batch, *, models, cfg):
-  """One AG-CycleGAN step updating all six networks. Donate `state`."""
+  """One AG-CycleGAN step updating all six networks (attention frozen in a second stage). Donate `state`."""
   grads, metrics = gan_grads(state, batch, models=models, cfg=cfg)
-  return state.apply_gradients(grads), metrics
+  new = state.apply_gradients(grads)
+  if cfg.two_stage_start < 1.0:
+    frozen = second_stage(state.step, cfg, cfg.steps)
+    keep = lambda old, upd: jax.tree.map(lambda o, u: jnp.where(frozen, o, u), old, upd)
+    params, opt_state = dict(new.params), dict(new.opt_state)
+    for name in ATT.values():
+      params[name] = keep(state.params[name], new.params[name])
+      opt_state[name] = keep(state.opt_state[name], new.opt_state[name])
+    new = new.replace(params=params, opt_state=opt_state)
+    metrics["second_stage"] = frozen.astype(jnp.float32)
+  return new, metrics
 
 
 def classifier_logits(model, params, images):

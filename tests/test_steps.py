@@ -169,3 +169,26 @@ def test_bf16_gan_step_keeps_fp32_parameters_and_states(tiny_config):
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(state.opt_state))
   assert np.isfinite(float(m["g_loss"])) and np.isfinite(float(m["d_loss"]))
+
+
+def test_second_stage_freezes_attention_and_masks_what_the_discriminator_sees(tiny_config):
+  """Original AG-CycleGAN option: from `two_stage_start` on, attention nets stop moving."""
+  models, g, state = _gan(tiny_config, two_stage_start=0.5)  # steps=6: stage 2 from step 3
+  step = jax.jit(functools.partial(steps.gan_train_step, models=models, cfg=g))
+  history = []
+  for i in range(5):
+    before = jax.device_get(state.params)
+    state, m = step(state, _batch(2, tiny_config.data.image_size, seed=i))
+    history.append((_changed(before, jax.device_get(state.params)), float(m["second_stage"])))
+  for i, (changed, second) in enumerate(history):
+    assert second == (1.0 if i >= 3 else 0.0)
+    assert all(changed[S.GEN[k]] and changed[S.DIS[k]] for k in CLASS_KEYS)
+    assert all(changed[S.ATT[k]] == (i < 3) for k in CLASS_KEYS), i
+  # In the second stage the discriminators see only attended pixels.
+  gen = {n: p for n, p in state.params.items() if not n.startswith("dis_")}
+  dis = {n: p for n, p in state.params.items() if n.startswith("dis_")}
+  batch = _batch(2, tiny_config.data.image_size)
+  _, (fakes, _) = steps.gan_generator_loss(gen, dis, batch, models=models, cfg=g, second=True)
+  for k in CLASS_KEYS:
+    _, att, _ = steps.translate(models, state.params, k, batch[steps.other(k)])
+    assert np.all(np.asarray(fakes[k])[np.asarray(att) <= g.attention_threshold] == 0.0)

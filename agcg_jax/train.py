@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from agcg_jax import config as config_lib
@@ -182,6 +183,7 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
   bar = tqdm(total=stage.total_steps, initial=start, desc=stage.name, unit="step",
              disable=not (progress and is_main_process()), dynamic_ncols=True)
   t_last, n_last = time.perf_counter(), start
+  sync_every = max(1, min(stage.log_every, 10))
   with StopSignal() as stop:
     step = start
     while step < stage.total_steps:
@@ -200,10 +202,12 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
         log.write(row)
         bar.set_postfix({k: f"{row[k]:.3g}" for k in list(row)[1:4]})
       stopping = stop.requested
-      if stopping and jax.process_count() > 1:
-        # Every process must take the same decision, or the collective save hangs.
-        from jax.experimental import multihost_utils
-        stopping = bool(multihost_utils.process_allgather(np.array(stopping)).any())
+      if jax.process_count() > 1:
+        # Every process must take the same decision at the same step, or the
+        # collective save hangs: all of them compare flags every few steps.
+        stopping = False
+        if step % sync_every == 0 or last:
+          stopping = bool(multihost_utils.process_allgather(np.array(stop.requested)).any())
       if step % stage.ckpt_every == 0 or last or stopping:
         ckpt.save(step, state, batches.get_state())
       if stopping:

@@ -43,11 +43,12 @@ def _cmd(command, workdir, data_dir, *overrides):
           f"--config.data.dir={data_dir}", *overrides]
 
 
-def _launch(command, workdir, data_dir, *, devices, num, ids=None, timeout_s=60, nums=None):
+def _launch(command, workdir, data_dir, *overrides, devices, num, ids=None, timeout_s=60,
+            nums=None):
   """Starts processes `ids` (default all) of a `num`-process run of `agcg command`."""
   port = _free_port()
   ids = range(num) if ids is None else ids
-  return [subprocess.Popen(_cmd(command, workdir, data_dir), cwd=ROOT, stdout=subprocess.PIPE,
+  return [subprocess.Popen(_cmd(command, workdir, data_dir, *overrides), cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True,
                            env=_env(devices, AGCG_DISTRIBUTED=1, AGCG_COORDINATOR=f"127.0.0.1:{port}",
                                     AGCG_NUM_PROCESSES=num if nums is None else nums[i],
@@ -225,3 +226,20 @@ def test_process_id_out_of_range_and_indivisible_global_batch(tmp_path, data_dir
   proc = subprocess.run(_cmd("train-gan", str(tmp_path / "b"), data_dir, "--config.gan.global_batch=3"),
                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env(8))
   _one_line(proc, "gan.global_batch=3", "8 devices")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_with_a_checkpoint(tmp_path, data_dir):
+  """Preemption may reach one worker first: all processes must stop at the same step."""
+  run = str(tmp_path / "run")
+  overrides = ["--config.gan.steps=400", "--config.gan.log_every=1"]
+  procs = _launch("train-gan", run, data_dir, *overrides, devices=2, num=2)
+  _wait_for(lambda: len(_steps_logged(run)) >= 3, procs[0])
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  stop_step = int(outs[0][0].split("stopped by a signal at step ")[1].split(";")[0])
+  assert 3 <= stop_step < 400
+  ckpts = [int(d) for d in os.listdir(os.path.join(run, "gan", "checkpoints")) if d.isdigit()]
+  assert max(ckpts) == stop_step

@@ -9,7 +9,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from agcg_jax import sharding as sh

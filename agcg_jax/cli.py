@@ -6,9 +6,7 @@
 Config overrides are `--config.SECTION.KEY=VALUE` (typed as the field).
 """
 import argparse
-import os
 import sys
-import time
 
 from agcg_jax.errors import UserError
 

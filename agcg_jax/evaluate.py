@@ -6,7 +6,6 @@ measurements against ground truth: the phantoms' heart border and CTR, the
 NIH expert boxes.
 """
 import datetime
-import functools
 import json
 import os
 
@@ -263,7 +262,9 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
     ctr_params = ctr_params["ctr"]
     ctr_model = S.ctr_model(config)
   fn = jax.jit(_eval_fn(S.classifier_model(config), S.gan_models(config.model), ctr_model, size))
-  source = pipeline.open_source(train.data_dir(config, workdir), "test")
+  ddir = train.data_dir(config, workdir)
+  train.check_image_size(config, ddir)
+  source = pipeline.open_source(ddir, "test")
   n_local = len(jax.local_devices())
   batch_size = -(-config.eval.batch_size // n_local) * n_local
   acc = _Accumulator(size, config.eval.border_width, config.eval.num_figure_examples)

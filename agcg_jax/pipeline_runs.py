@@ -3,7 +3,6 @@ import json
 import os
 import time
 
-import jax
 
 from agcg_jax import evaluate as evaluate_lib
 from agcg_jax import train

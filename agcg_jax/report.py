@@ -705,7 +705,7 @@ def write_report(workdir: str | os.PathLike) -> str:
       if config is not None else "<p class='note'>No config in metrics.json.</p>")
 
   sections = [
-      f"<h1>AG-CycleGAN explanation of a Cardiomegaly classifier</h1>",
+      "<h1>AG-CycleGAN explanation of a Cardiomegaly classifier</h1>",
       f"<p class='meta'>{' · '.join(esc(str(m)) for m in meta)}</p>",
       f"<p class='headline'>{esc(headline(metrics))}</p>",
       "<h2>Metrics</h2>",

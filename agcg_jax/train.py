@@ -21,7 +21,6 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from agcg_jax import config as config_lib
-from agcg_jax import models as M
 from agcg_jax import sharding as sh
 from agcg_jax import state as S
 from agcg_jax import steps
@@ -266,7 +265,7 @@ def restore_params(workdir: str, stage: str, init_fn, mesh=None, config=None) ->
 # ---------------------------------------------------------------- the stages
 
 
-def _check_image_size(config, ddir: str) -> None:
+def check_image_size(config, ddir: str) -> None:
   info = pipeline.dataset_info(ddir)
   size = info.get("image_size")
   if size is not None and int(size) != int(config.data.image_size):
@@ -276,7 +275,7 @@ def _check_image_size(config, ddir: str) -> None:
 
 def classifier_stage(config, workdir: str, mesh) -> Stage:
   ddir = data_dir(config, workdir)
-  _check_image_size(config, ddir)
+  check_image_size(config, ddir)
   source = pipeline.open_source(ddir, "train")
   c = config.classifier
   weights = None
@@ -297,7 +296,7 @@ def classifier_stage(config, workdir: str, mesh) -> Stage:
 
 def gan_stage(config, workdir: str, mesh) -> Stage:
   ddir = data_dir(config, workdir)
-  _check_image_size(config, ddir)
+  check_image_size(config, ddir)
   source = pipeline.open_source(ddir, "train")
   g = config.gan
   return Stage(
@@ -314,7 +313,7 @@ def gan_stage(config, workdir: str, mesh) -> Stage:
 def ctr_stage(config, workdir: str, mesh) -> Stage:
   """The CTR regressor: measures a translated heart by something other than the GAN (phantoms)."""
   ddir = data_dir(config, workdir)
-  _check_image_size(config, ddir)
+  check_image_size(config, ddir)
   source = pipeline.open_source(ddir, "train")
   c = config.ctr
   return Stage(

@@ -142,3 +142,10 @@ def test_evaluating_with_other_networks_is_one_line(tiny_run):
   workdir, _ = tiny_run
   proc = agcg("evaluate", "--config", TINY, "--workdir", workdir, "--config.model.cls_layers=3")
   assert_one_line_error(proc, "trained with other networks", "model.cls_layers=2 there, 3 here")
+
+
+@pytest.mark.slow
+def test_image_size_other_than_the_prepared_data_is_one_line(tiny_run):
+  workdir, _ = tiny_run
+  proc = agcg("evaluate", "--config", TINY, "--workdir", workdir, "--config.data.image_size=64")
+  assert_one_line_error(proc, "holds 32x32 images but data.image_size=64")

@@ -5,13 +5,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from agcg_jax import cam as cam_lib
 from agcg_jax import sharding as sh
 from agcg_jax import state as S
 from agcg_jax import steps
-from agcg_jax import state as S
 from agcg_jax.data.records import CLASS_KEYS
 
 

@@ -99,26 +99,32 @@ class MetricsLog:
 
 
 class StopSignal:
-  """Turns SIGTERM (preemption, a scheduler stopping the job) into a flag checked between steps."""
+  """Turns SIGTERM (preemption, a scheduler) and a first Ctrl-C into a flag checked between steps.
+
+  The loop then saves a checkpoint and returns; a second Ctrl-C interrupts at once.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler, no graceful stop
-      self._previous = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no handler, no graceful stop
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 @dataclasses.dataclass
@@ -183,37 +189,41 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
              disable=not (progress and is_main_process()), dynamic_ncols=True)
   t_last, n_last = time.perf_counter(), start
   sync_every = max(1, min(stage.log_every, 10))
-  with StopSignal() as stop:
-    step = start
-    while step < stage.total_steps:
-      batch = sh.to_global(next(batches), mesh)
-      state, metrics = jstep(state, batch)
-      step += 1
-      bar.update(1)
-      last = step == stage.total_steps
-      if step % stage.log_every == 0 or last:
-        host = jax.device_get(metrics)
-        _check_finite(host, step, stage.name)
-        now = time.perf_counter()
-        row = {"step": step, **{k: float(v) for k, v in sorted(host.items())},
-               "images_per_s": stage.global_batch * (step - n_last) / max(now - t_last, 1e-9)}
-        t_last, n_last = now, step
-        log.write(row)
-        bar.set_postfix({k: f"{row[k]:.3g}" for k in list(row)[1:4]})
-      stopping = stop.requested
-      if jax.process_count() > 1:
-        # Every process must take the same decision at the same step, or the
-        # collective save hangs: all of them compare flags every few steps.
-        stopping = False
-        if step % sync_every == 0 or last:
-          stopping = bool(multihost_utils.process_allgather(np.array(stop.requested)).any())
-      if step % stage.ckpt_every == 0 or last or stopping:
-        ckpt.save(step, state, batches.get_state())
-      if stopping:
-        status = "stopped"
-        break
-  bar.close()
-  ckpt.close()
+  try:
+    with StopSignal() as stop:
+      step = start
+      while step < stage.total_steps:
+        batch = sh.to_global(next(batches), mesh)
+        state, metrics = jstep(state, batch)
+        step += 1
+        bar.update(1)
+        last = step == stage.total_steps
+        if step % stage.log_every == 0 or last:
+          host = jax.device_get(metrics)
+          _check_finite(host, step, stage.name)
+          now = time.perf_counter()
+          row = {"step": step, **{k: float(v) for k, v in sorted(host.items())},
+                 "images_per_s": stage.global_batch * (step - n_last) / max(now - t_last, 1e-9)}
+          t_last, n_last = now, step
+          log.write(row)
+          bar.set_postfix({k: f"{row[k]:.3g}" for k in list(row)[1:4]})
+        stopping = stop.requested
+        if jax.process_count() > 1:
+          # Every process must take the same decision at the same step, or the
+          # collective save hangs: all of them compare flags every few steps.
+          stopping = False
+          if step % sync_every == 0 or last:
+            stopping = bool(multihost_utils.process_allgather(np.array(stop.requested)).any())
+        if step % stage.ckpt_every == 0 or last or stopping:
+          ckpt.save(step, state, batches.get_state())
+        if stopping:
+          status = "stopped"
+          break
+  finally:
+    # Also on an error or a hard interrupt: finish the saves in flight, so
+    # the last checkpoint is complete.
+    bar.close()
+    ckpt.close()
   return state, status
 
 

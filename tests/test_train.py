@@ -59,3 +59,22 @@ def test_resume_drops_metrics_logged_after_the_last_checkpoint(tmp_path):
 def test_non_finite_loss_stops_with_a_clear_message():
   with pytest.raises(UserError, match="non-finite g_loss at step 7"):
     train._check_finite({"g_loss": np.float32("nan"), "d_loss": np.float32(1.0)}, 7, "gan")
+
+
+def test_first_ctrl_c_requests_a_stop_and_a_second_interrupts():
+  import signal
+  import threading
+  import time
+  # Signal handlers live in the main thread; pytest (and xdist workers) run tests there.
+  assert threading.current_thread() is threading.main_thread()
+  with train.StopSignal() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)
+    assert stop.requested
+  with train.StopSignal() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)
+    assert stop.requested
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.5)

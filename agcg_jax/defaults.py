@@ -84,6 +84,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 32
   e.max_examples = 0           # 0 = the whole test set
-  e.border_width = 0.03        # heart-border band half-width, fraction of image size
+  e.cam = "margin"             # the scored/shown decision map: "margin" (headline) or "equ9" (cam.py)
+  e.truth_threshold_grey = 8.0 # phantom truth: body pixels where the twin differs by more (of 255)
   e.num_figure_examples = 4
   return c

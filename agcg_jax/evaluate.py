@@ -1,9 +1,20 @@
-"""Evaluation: the classifier on original and translated test images, CAM, attention, metrics.
+"""Evaluation: the classifier on original and translated test images, its decision map, the attention, scores.
 
 Writes <workdir>/metrics.json (the run's numbers) and <workdir>/eval/examples.npz
-(the cases the figures show). Paper Table 2, Fig. 4 and Fig. 5, plus
-measurements against ground truth: the phantoms' heart border and CTR, the
-NIH expert boxes.
+(the cases the figures show, `examples.ExampleMaps`). Paper Table 2, Fig. 4
+and Fig. 5, plus measurements against ground truth:
+
+* phantoms: the counterfactual twin of every test image (the same phantom
+  with the other label) gives the exact truth of *where* the classes differ
+  (`metrics.truth_support`) and *what* the translation should produce; the
+  heart's size is read by the CTR regressor and by a model-free ruler
+  (ruler.py).
+* NIH: the expert Cardiomegaly boxes, beside their chance levels (the box's
+  area share, a prior map, a fixed pointer).
+
+Every per-image score is computed on the device inside one jitted function
+that returns per-batch sums; only those scalars, and the few cases the
+figures show, come to the host. Host memory stays flat as the test set grows.
 """
 import datetime
 import json
@@ -12,277 +23,356 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage
 
 from agcg_jax import cam as cam_lib
+from agcg_jax import metrics as M
+from agcg_jax import ruler
 from agcg_jax import sharding as sh
 from agcg_jax import state as S
 from agcg_jax import train
 from agcg_jax.data import pipeline
-from agcg_jax.data.records import CLASS_KEYS, CLASS_NAMES, NUM_CLASSES
+from agcg_jax.data.records import CLASS_KEYS, CLASS_NAMES, NUM_CLASSES, to_float
 from agcg_jax.errors import UserError
+from agcg_jax.examples import DIRECTIONS, ExampleMaps, direction_of
+from agcg_jax.models.discriminator import trunk_geometry
 from agcg_jax.steps import translate
 
-DIRECTIONS = tuple(f"to_{k}" for k in CLASS_KEYS)  # into the other class of the source
+# Maps scored by their mass against the truth (same transform for all: metrics.positive).
+SCORED_MAPS = ("attention", "cam", "diff", "prior")
+# Against NIH boxes the prior and the fixed pointer come from boxes alone (metrics.box_baselines).
+BOX_MAPS = ("attention", "cam", "diff")
 
 
-def _eval_fn(cls_model, gan_models, ctr_model, size):
-  """The jitted per-batch computation: everything the metrics and figures need."""
-  def fn(cls_params, gan_params, ctr_params, images, labels):
+def _device_batch(batch: dict) -> dict:
+  """The numeric fields the jitted evaluation needs, as numpy (images in [-1, 1])."""
+  out = {"image": batch["image"], "label": batch["label"].astype(np.int32),
+         "valid": batch["valid"].astype(np.float32)}
+  if "twin_image" in batch:
+    out["twin"] = to_float(batch["twin_image"])[..., 0]
+    out["body"] = batch["body_mask"][..., 0].astype(np.float32)
+  if "ctr" in batch:
+    out["ctr"] = batch["ctr"].astype(np.float32)
+  if "has_cardiomegaly_box" in batch:
+    out["box"] = batch["cardiomegaly_box"].astype(np.float32)
+    out["has_box"] = batch["has_cardiomegaly_box"].astype(np.float32)
+  return out
+
+
+def _eval_fn(cls_model, gan_models, ctr_model, *, size, geometry, cam_kind, threshold_grey):
+  """The jitted per-batch computation: (sums of every score, maps for the figures).
+
+  Every image goes into the other class: No Finding -> Cardiomegaly and back.
+  """
+  def fn(cls_params, gan_params, ctr_params, prior, b):
+    images, labels, valid = b["image"], b["label"], b["valid"]
+    x = images[..., 0]
     logits, cams = cam_lib.logits_and_cam(cls_model, cls_params, images)
     pred = jnp.argmax(logits, -1)
-    up = cam_lib.upsample(cams, size)
-    cam_pred = jnp.take_along_axis(up, pred[:, None, None, None], axis=-1)
-    # The decision's own map: CAM of the logit margin (pred minus the other
-    # class), whose spatial mean plus the bias difference is the margin.
-    # Softmax ignores what both class CAMs share; this map does too.
-    cam_margin = 2.0 * cam_pred - jnp.sum(up, axis=-1, keepdims=True)
-    # Each image goes into the other class: No Finding -> Cardiomegaly and back.
+    decision = cam_lib.decision_maps(cams, pred)[cam_kind]
+    cam = cam_lib.upsample(decision, size, *geometry)
     outs = {k: translate(gan_models, gan_params, k, images) for k in CLASS_KEYS}
-    to_cm = (labels == 1)[:, None, None, None]  # the source is Cardiomegaly: translate to No Finding
-    pick = lambda i: jnp.where(to_cm, outs[CLASS_KEYS[0]][i], outs[CLASS_KEYS[1]][i])
+    to_nf = (labels == 1)[:, None, None, None]  # a Cardiomegaly source goes to No Finding
+    pick = lambda i: jnp.where(to_nf, outs[CLASS_KEYS[0]][i], outs[CLASS_KEYS[1]][i])[..., 0]
     fake, att, gen = pick(0), pick(1), pick(2)
-    logits_t = cls_model.apply({"params": cls_params}, fake)
-    out = {
-        "prob": jax.nn.softmax(logits, -1), "pred": pred,
-        "pred_translated": jnp.argmax(logits_t, -1),
-        "cam": cam_pred[..., 0], "cam_margin": cam_margin[..., 0], "attention": att[..., 0], "generated": gen[..., 0],
-        "fake": fake[..., 0],
-    }
+    pred_t = jnp.argmax(cls_model.apply({"params": cls_params}, fake[..., None]), -1)
+    diff = jnp.abs(fake - x)
+    maps = {"attention": att, "cam": cam, "diff": diff}
+
+    s = {}
+    add = lambda name, per_image: s.__setitem__(name, jnp.sum(per_image.astype(jnp.float32) * valid))
+    y0 = (labels == 0).astype(jnp.float32)
+    add("n", jnp.ones_like(valid))
+    for i in range(NUM_CLASSES):
+      for j in range(NUM_CLASSES):
+        add(f"conf_o_{i}{j}", (labels == i) & (pred == j))
+        add(f"conf_t_{i}{j}", (labels == i) & (pred_t == j))
+      add(f"flips_y{i}", (labels == i) & (pred_t != pred))
+    add("r_cam_attention", M.pearson(cam, att))
+
+    if "twin" in b:
+      twin, body = b["twin"], b["body"]
+      support = M.truth_support(x, twin, body, threshold_grey)
+      truth = jnp.abs(twin - x)
+      maps["prior"] = jnp.broadcast_to(prior, x.shape)
+      add("supp_area", M.area(support))
+      add("body_area", M.area(body))
+      for name, m in maps.items():
+        pos = M.positive(m)
+        add(f"truth_in_{name}", M.region_mass(pos, support))
+        add(f"truth_all_{name}", M.total_mass(pos))
+        add(f"truth_r_{name}", M.pearson(m, truth, body))
+        add(f"truth_iou_{name}", M.topk_iou(m, support, within=body))
+      pred_twin = jnp.argmax(cls_model.apply({"params": cls_params}, twin[..., None]), -1)
+      add("flip_twin", pred_twin != pred)
+      add("mae_fake_twin", M.mean_abs(fake, twin))
+      add("mae_real_twin", M.mean_abs(x, twin))
+      outside = body.astype(bool) & ~support
+      add("change_in", M.region_mass(diff, support))
+      add("change_out", M.region_mass(diff, outside))
+      add("area_out", M.area(outside))
+      # The model-free ruler on real, translated and twin images.
+      r_real, r_fake, r_twin = (ruler.silhouette_ctr(v)["ctr"] for v in (x, fake, twin))
+      add("ruler_dir", M.direction_correct(r_real, r_fake, labels == 0))
+      add("ruler_shift_y0", (r_fake - r_real) * y0)
+      add("ruler_shift_y1", (r_fake - r_real) * (1.0 - y0))
+      add("ruler_twin_order", M.direction_correct(r_real, r_twin, labels == 0))
+      if "ctr" in b:
+        add("ruler_abs_err", jnp.abs(r_real - b["ctr"]))
+
     if ctr_model is not None:
-      out["ctr_real"] = ctr_model.apply({"params": ctr_params}, images)[:, 0]
-      out["ctr_fake"] = ctr_model.apply({"params": ctr_params}, fake)[:, 0]
-    return out
+      c_real = ctr_model.apply({"params": ctr_params}, images)[:, 0]
+      c_fake = ctr_model.apply({"params": ctr_params}, fake[..., None])[:, 0]
+      add("ctr_dir", M.direction_correct(c_real, c_fake, labels == 0))
+      add("ctr_shift_y0", (c_fake - c_real) * y0)
+      add("ctr_shift_y1", (c_fake - c_real) * (1.0 - y0))
+      add("ctr_cross", jnp.where(labels == 0, c_fake > 0.5, c_fake < 0.5))
+      if "ctr" in b:
+        add("ctr_abs_err", jnp.abs(c_real - b["ctr"]))
+        add("ctr_abs_err_fixed", jnp.abs(0.5 - b["ctr"]))
+    else:
+      c_real = c_fake = jnp.full(labels.shape, jnp.nan)
+
+    if "box" in b:
+      boxed = b["has_box"]
+      in_box = M.box_mask(b["box"], size)
+      add("n_box", boxed)
+      add("box_area", boxed * M.area(in_box) / (size * size))
+      for name in BOX_MAPS:
+        pos = M.positive(maps[name])
+        add(f"box_in_{name}", boxed * M.region_mass(pos, in_box))
+        add(f"box_all_{name}", boxed * M.total_mass(pos))
+        add(f"box_point_{name}", boxed * M.pointing(maps[name], b["box"]))
+
+    figure = {"pred": pred, "pred_translated": pred_t,
+              "prob": jnp.take_along_axis(jax.nn.softmax(logits, -1), pred[:, None], 1)[:, 0],
+              "real": x, "attention": att, "generated": gen, "fake": fake, "cam": cam,
+              "ctr_real": c_real, "ctr_fake": c_fake}
+    if "twin" in b:
+      figure["twin"] = b["twin"]
+    return s, figure
   return fn
 
 
-def border_band(mask: np.ndarray, half_width: int) -> np.ndarray:
-  """Pixels within `half_width` of the mask's border (inside or outside). mask [S, S] bool."""
-  if not mask.any():
-    return np.zeros_like(mask, bool)
-  inside = ndimage.distance_transform_edt(mask)
-  outside = ndimage.distance_transform_edt(~mask)
-  return ((inside > 0) & (inside <= half_width)) | ((outside > 0) & (outside <= half_width))
+def summarize(sums: dict, box_baselines: dict | None = None) -> dict:
+  """metrics.json entries from the pooled sums of `_eval_fn` (pure numpy; unit-tested)."""
+  g = lambda k: float(sums[k])
+  n = g("n")
+  if n == 0:
+    raise UserError("the test set is empty: nothing to evaluate")
+  conf = lambda kind: [[int(round(g(f"conf_{kind}_{i}{j}"))) for j in range(NUM_CLASSES)]
+                       for i in range(NUM_CLASSES)]
+  co, ct = conf("o"), conf("t")
+  per_class = [sum(co[i]) for i in range(NUM_CLASSES)]
+  m = {
+      "num_test": int(round(n)),
+      "class_names": list(CLASS_NAMES),
+      "accuracy_original": sum(co[i][i] for i in range(NUM_CLASSES)) / n,
+      "accuracy_translated": sum(ct[i][i] for i in range(NUM_CLASSES)) / n,
+      "accuracy_chance": max(per_class) / n,
+      "confusion_original": co,
+      "confusion_translated": ct,
+      # A flip: the classifier's prediction on the translation differs from that on the image.
+      "flip_rate": sum(g(f"flips_y{c}") for c in range(NUM_CLASSES)) / n,
+      "flip_rate_by_class": {CLASS_NAMES[c]: (g(f"flips_y{c}") / per_class[c] if per_class[c] else None)
+                             for c in range(NUM_CLASSES)},
+      "cam_attention_pearson": g("r_cam_attention") / n,
+  }
+  if "supp_area" in sums:
+    share = M.pooled_ratio(g("supp_area"), g("body_area"))
+    m["truth_support_share"] = share
+    m["truth_enrichment_chance"] = 1.0
+    m["truth_topk_iou_chance"] = M.topk_iou_chance(share)
+    for name in SCORED_MAPS:
+      m[f"{name}_truth_enrichment"] = M.enrichment(g(f"truth_in_{name}"), g(f"truth_all_{name}"),
+                                                   g("supp_area"), g("body_area"))
+      m[f"{name}_truth_pearson"] = g(f"truth_r_{name}") / n
+      m[f"{name}_truth_topk_iou"] = g(f"truth_iou_{name}") / n
+    m["flip_rate_twin"] = g("flip_twin") / n
+    m["counterfactual_error"] = M.pooled_ratio(g("mae_fake_twin"), g("mae_real_twin"))
+    m["counterfactual_error_identity"] = 1.0
+    m["change_inside_truth"] = M.pooled_ratio(g("change_in"), g("supp_area")) / M.GREY
+    m["change_outside_truth"] = M.pooled_ratio(g("change_out"), g("area_out")) / M.GREY
+    m["direction_chance"] = 0.5
+    m["ctr_direction_correct_model_free"] = g("ruler_dir") / n
+    m["ctr_shift_model_free"] = _per_direction(sums, "ruler_shift", per_class)
+    m["ruler_twin_order"] = g("ruler_twin_order") / n
+    if "ruler_abs_err" in sums:
+      m["ruler_mae"] = g("ruler_abs_err") / n
+  if "ctr_dir" in sums:
+    m["direction_chance"] = 0.5
+    m["ctr_direction_correct"] = g("ctr_dir") / n
+    m["ctr_shift"] = _per_direction(sums, "ctr_shift", per_class)
+    m["ctr_crosses_threshold"] = g("ctr_cross") / n
+    if "ctr_abs_err" in sums:
+      m["ctr_regressor_mae"] = g("ctr_abs_err") / n
+      m["ctr_mae_fixed_prior"] = g("ctr_abs_err_fixed") / n
+  if "n_box" in sums and g("n_box") > 0:
+    nb = g("n_box")
+    m["num_boxed"] = int(round(nb))
+    m["box_area_share"] = g("box_area") / nb
+    m["box_enrichment_chance"] = 1.0
+    for name in BOX_MAPS:
+      share = M.pooled_ratio(g(f"box_in_{name}"), g(f"box_all_{name}"))
+      m[f"{name}_box_enrichment"] = share / m["box_area_share"]
+      m[f"{name}_pointing"] = g(f"box_point_{name}") / nb
+    m.update(box_baselines or {})
+  return m
 
 
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-  a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
-  den = np.sqrt((a * a).sum() * (b * b).sum())
-  return float((a * b).sum() / den) if den > 0 else 0.0
+def _per_direction(sums, key, per_class) -> dict:
+  """{direction: mean over its source class} from `{key}_y0` / `{key}_y1` sums."""
+  return {direction_of(c): (float(sums[f"{key}_y{c}"]) / per_class[c] if per_class[c] else None)
+          for c in range(NUM_CLASSES)}
 
 
-def _norm01(x: np.ndarray) -> np.ndarray:
-  lo, hi = x.min(), x.max()
-  return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+class _Examples:
+  """Collects up to n cases per direction and per (true, predicted) cell, fetching only those."""
 
+  def __init__(self, n: int, cam_kind: str, size: int):
+    self.n, self.cam_kind, self.size = n, cam_kind, size
+    self.per_direction = {d: 0 for d in DIRECTIONS}
+    self.per_cell = {}
+    self.parts = []
 
-def _box_scores(m: np.ndarray, box: np.ndarray) -> tuple[float, bool]:
-  """(share of map mass inside box, whether the map's maximum is in it); box = x0, y0, x1, y1."""
-  x0, y0, x1, y1 = [int(round(v)) for v in box]
-  inside = np.zeros_like(m, bool)
-  inside[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
-  total = m.sum()
-  share = float(m[inside].sum() / total) if total > 0 else 0.0
-  yy, xx = np.unravel_index(np.argmax(m), m.shape)
-  return share, bool(inside[yy, xx])
+  def wanted(self, labels, preds, valid) -> list[int]:
+    keep = []
+    for i in np.flatnonzero(valid):
+      d, cell = direction_of(labels[i]), (int(labels[i]), int(preds[i]))
+      if self.per_direction[d] < self.n or self.per_cell.get(cell, 0) < self.n:
+        self.per_direction[d] += 1
+        self.per_cell[cell] = self.per_cell.get(cell, 0) + 1
+        keep.append(int(i))
+    return keep
 
-
-class _Accumulator:
-  def __init__(self, size: int, border_width: float, num_examples: int):
-    self.half_width = max(1, int(round(border_width * size)))
-    self.n_ex = num_examples
-    self.labels, self.pred, self.pred_t = [], [], []
-    self.ctr = {"real": [], "fake": [], "true": []}
-    self.band = {"att_in": 0.0, "att_all": 0.0, "cam_in": 0.0, "cam_all": 0.0, "margin_in": 0.0,
-                 "margin_all": 0.0, "area_in": 0.0, "area_all": 0.0}
-    self.r, self.r_margin = [], []
-    self.box = {"att_share": [], "cam_share": [], "att_point": [], "cam_point": []}
-    self.examples = {d: {k: [] for k in ("real", "attention", "generated", "fake", "id",
-                                         "ctr_real", "ctr_fake", "heart_mask")} for d in DIRECTIONS}
-    self.cams = {}
-
-  def add(self, batch: dict, out: dict) -> None:
-    valid = np.asarray(batch["valid"], bool)
-    for b in np.nonzero(valid)[0]:
-      label, pred = int(batch["label"][b]), int(out["pred"][b])
-      self.labels.append(label)
-      self.pred.append(pred)
-      self.pred_t.append(int(out["pred_translated"][b]))
-      att = out["attention"][b].astype(np.float64)
-      cam = _norm01(out["cam"][b].astype(np.float64))
-      margin = out["cam_margin"][b].astype(np.float64)
-      self.r.append(pearson(att, cam))
-      self.r_margin.append(pearson(att, margin))
-      margin_pos = np.maximum(margin, 0.0)
-      if "ctr_real" in out:
-        self.ctr["real"].append(float(out["ctr_real"][b]))
-        self.ctr["fake"].append(float(out["ctr_fake"][b]))
-        self.ctr["true"].append(float(batch["ctr"][b]) if "ctr" in batch else np.nan)
-      if "heart_mask" in batch:
-        band = border_band(np.asarray(batch["heart_mask"][b])[..., 0] > 0, self.half_width)
-        self.band["att_in"] += att[band].sum()
-        self.band["att_all"] += att.sum()
-        self.band["cam_in"] += cam[band].sum()
-        self.band["cam_all"] += cam.sum()
-        self.band["margin_in"] += margin_pos[band].sum()
-        self.band["margin_all"] += margin_pos.sum()
-        self.band["area_in"] += band.sum()
-        self.band["area_all"] += band.size
-      if "has_cardiomegaly_box" in batch and int(batch["has_cardiomegaly_box"][b]):
-        box = np.asarray(batch["cardiomegaly_box"][b])
-        for name, m in (("att", att), ("cam", cam)):
-          share, hit = _box_scores(m, box)
-          self.box[f"{name}_share"].append(share)
-          self.box[f"{name}_point"].append(hit)
-      d = DIRECTIONS[1 - label]  # a Cardiomegaly source goes to No Finding
-      ex = self.examples[d]
-      if len(ex["real"]) < self.n_ex:
-        ex["real"].append(np.asarray(batch["image"][b])[..., 0])
-        ex["attention"].append(out["attention"][b])
-        ex["generated"].append(out["generated"][b])
-        ex["fake"].append(out["fake"][b])
-        ex["id"].append(str(batch["id"][b]) if "id" in batch else str(len(self.labels)))
-        if "ctr_real" in out:
-          ex["ctr_real"].append(float(out["ctr_real"][b]))
-          ex["ctr_fake"].append(float(out["ctr_fake"][b]))
-        if "heart_mask" in batch:
-          ex["heart_mask"].append(np.asarray(batch["heart_mask"][b])[..., 0].astype(np.float32))
-      cell = self.cams.setdefault((label, pred), {"image": [], "cam": [], "prob": [], "id": []})
-      if len(cell["image"]) < self.n_ex:
-        cell["image"].append(np.asarray(batch["image"][b])[..., 0])
-        cell["cam"].append(out["cam"][b])
-        cell["prob"].append(float(out["prob"][b][pred]))
-        cell["id"].append(str(batch["id"][b]) if "id" in batch else "")
-
-  def merge_processes(self) -> None:
-    """Every process evaluated its own block of the test set: pool the per-image results.
-
-    The figures' examples stay those of process 0 (a sample is enough there).
-    """
-    if jax.process_count() == 1:
+  def add(self, batch: dict, figure: dict, rows: list[int], heart_mask) -> None:
+    if not rows:
       return
-    from jax.experimental import multihost_utils
+    idx = jnp.asarray(rows)
+    got = jax.device_get({k: v[idx] for k, v in figure.items()})
+    labels = np.asarray(batch["label"])[rows]
+    ids = (np.asarray(batch["id"])[rows] if "id" in batch
+           else np.asarray([str(r) for r in rows]))
+    self.parts.append(ExampleMaps(
+        id=ids, direction=[direction_of(v) for v in labels], label=labels,
+        pred=got["pred"], pred_translated=got["pred_translated"], prob=got["prob"],
+        real=got["real"], attention=got["attention"], generated=got["generated"],
+        fake=got["fake"], cam=got["cam"], ctr_real=got["ctr_real"], ctr_fake=got["ctr_fake"],
+        cam_kind=self.cam_kind,
+        heart_mask=None if heart_mask is None else np.asarray(heart_mask)[rows][..., 0],
+        twin=got.get("twin")))
 
-    def gather(values):
-      values = np.asarray(values, np.float32)
-      counts = multihost_utils.process_allgather(np.array([values.size], np.int32)).reshape(-1)
-      padded = np.zeros(int(counts.max()), np.float32)
-      padded[:values.size] = values
-      rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(counts), -1)
-      return np.concatenate([rows[i, :c] for i, c in enumerate(counts)]).tolist()
-    self.labels = [int(v) for v in gather(self.labels)]
-    self.pred = [int(v) for v in gather(self.pred)]
-    self.pred_t = [int(v) for v in gather(self.pred_t)]
-    self.r, self.r_margin = gather(self.r), gather(self.r_margin)
-    for k in self.ctr:
-      self.ctr[k] = gather(self.ctr[k])
-    for k in self.box:
-      self.box[k] = gather(self.box[k])
-    for k in self.band:
-      self.band[k] = float(np.sum(multihost_utils.process_allgather(np.float32(self.band[k]))))
+  def result(self) -> ExampleMaps:
+    return (ExampleMaps.concatenate(self.parts) if self.parts
+            else ExampleMaps.empty(self.size, cam_kind=self.cam_kind))
 
-  def metrics(self) -> dict:
-    y, p, pt = map(np.asarray, (self.labels, self.pred, self.pred_t))
-    if y.size == 0:
-      raise UserError("the test set is empty: nothing to evaluate")
-    conf = lambda a: [[int(np.sum((y == i) & (a == j))) for j in range(NUM_CLASSES)]
-                      for i in range(NUM_CLASSES)]
-    m = {
-        "num_test": int(y.size),
-        "class_names": list(CLASS_NAMES),
-        "accuracy_original": float(np.mean(p == y)),
-        "accuracy_translated": float(np.mean(pt == y)),
-        "confusion_original": conf(p),
-        "confusion_translated": conf(pt),
-        "flip_rate": {CLASS_NAMES[c]: float(np.mean(p[y == c] != pt[y == c])) if np.any(y == c) else None
-                      for c in range(NUM_CLASSES)},
-        "cam_attention_pearson": float(np.mean(self.r)),
-        "cam_margin_attention_pearson": float(np.mean(self.r_margin)),
-    }
-    if self.band["area_all"] > 0:
-      area = self.band["area_in"] / self.band["area_all"]
-      m["border_band_area_share"] = float(area)
-      m["attention_border_enrichment"] = float(self.band["att_in"] / max(self.band["att_all"], 1e-12) / area)
-      m["cam_border_enrichment"] = float(self.band["cam_in"] / max(self.band["cam_all"], 1e-12) / area)
-      m["cam_margin_border_enrichment"] = float(
-          self.band["margin_in"] / max(self.band["margin_all"], 1e-12) / area)
-    if self.ctr["real"]:
-      real, fake, true = (np.asarray(self.ctr[k]) for k in ("real", "fake", "true"))
-      # Into Cardiomegaly the heart must grow; into No Finding it must shrink.
-      want_up = y == 0
-      moved = np.where(want_up, fake > real, fake < real)
-      m["ctr_direction_correct"] = float(np.mean(moved))
-      m["ctr_shift"] = {d: float(np.mean(fake[y == 1 - i] - real[y == 1 - i])) if np.any(y == 1 - i) else None
-                        for i, d in enumerate(DIRECTIONS)}
-      m["ctr_crosses_threshold"] = float(np.mean(np.where(want_up, fake > 0.5, fake < 0.5)))
-      if np.all(np.isfinite(true)):
-        m["ctr_regressor_mae"] = float(np.mean(np.abs(real - true)))
-    if self.box["att_share"]:
-      m["num_boxed"] = len(self.box["att_share"])
-      m["attention_in_box"] = float(np.mean(self.box["att_share"]))
-      m["cam_in_box"] = float(np.mean(self.box["cam_share"]))
-      m["attention_pointing"] = float(np.mean(self.box["att_point"]))
-      m["cam_pointing"] = float(np.mean(self.box["cam_point"]))
-    return m
 
-  def arrays(self, size: int) -> dict:
-    out = {}
-    for d, ex in self.examples.items():
-      for k, v in ex.items():
-        if k == "id":
-          out[f"{d}_id"] = np.asarray(v, dtype=str)
-        elif v:
-          out[f"{d}_{k}"] = np.asarray(v, np.float32)
-        elif k in ("real", "attention", "generated", "fake"):
-          out[f"{d}_{k}"] = np.zeros((0, size, size), np.float32)
-    for t in range(NUM_CLASSES):
-      for p in range(NUM_CLASSES):
-        cell = self.cams.get((t, p), {"image": [], "cam": [], "prob": [], "id": []})
-        name = f"cam_{CLASS_KEYS[t]}_as_{CLASS_KEYS[p]}"
-        for k in ("image", "cam"):
-          out[f"{name}_{k}"] = (np.asarray(cell[k], np.float32) if cell[k]
-                                else np.zeros((0, size, size), np.float32))
-        out[f"{name}_prob"] = np.asarray(cell["prob"], np.float32)
-        out[f"{name}_id"] = np.asarray(cell["id"], dtype=str)
-    return out
+def _training_priors(ddir: str, size: int, threshold_grey: float, batch_size: int):
+  """(prior map [S, S], training boxes [M, 4]) from the *training* split.
+
+  Phantoms: the mean truth support of the training images (where hearts
+  usually differ). NIH: the training Cardiomegaly boxes (metrics.box_baselines
+  turns them into a prior map and a fixed pointer).
+  """
+  source = pipeline.open_source(ddir, "train")
+  support_fn = jax.jit(lambda x, t, b: M.truth_support(x, t, b, threshold_grey).astype(jnp.float32))
+  total, count, boxes = np.zeros((size, size)), 0.0, []
+  for batch in pipeline.eval_batches(source, batch_size=batch_size):
+    valid = np.asarray(batch["valid"], bool)
+    if "twin_image" in batch:
+      sup = support_fn(batch["image"][..., 0], to_float(batch["twin_image"])[..., 0],
+                       batch["body_mask"][..., 0])
+      total += np.asarray(sup)[valid].sum(0)
+      count += valid.sum()
+    elif "has_cardiomegaly_box" in batch:
+      boxes.append(_boxes_of(batch))
+    else:
+      break  # no truth of either kind: no prior
+  prior = (total / count if count else np.zeros((size, size))).astype(np.float32)
+  return prior, (np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32))
+
+
+def _boxes_of(batch: dict) -> np.ndarray:
+  """[n, 4] Cardiomegaly boxes of the batch's valid, boxed records."""
+  keep = np.asarray(batch["valid"], bool) & (np.asarray(batch["has_cardiomegaly_box"]) > 0)
+  return np.asarray(batch["cardiomegaly_box"], np.float32)[keep]
+
+
+def _gather_rows(rows: np.ndarray) -> np.ndarray:
+  """Every process's [n_i, 4] rows, concatenated in process order."""
+  if jax.process_count() == 1:
+    return rows
+  from jax.experimental import multihost_utils
+  counts = np.asarray(multihost_utils.process_allgather(np.array([len(rows)], np.int32))).reshape(-1)
+  padded = np.zeros((int(counts.max()), 4), np.float32)
+  padded[:len(rows)] = rows
+  every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(counts), -1, 4)
+  return np.concatenate([every[i, :c] for i, c in enumerate(counts)])
+
+
+def _pool_processes(sums: dict) -> dict:
+  """Every process evaluated its own block of the test set: add their sums."""
+  if jax.process_count() == 1:
+    return sums
+  from jax.experimental import multihost_utils
+  keys = sorted(sums)
+  values = np.asarray([sums[k] for k in keys], np.float64)
+  total = np.asarray(multihost_utils.process_allgather(values)).reshape(-1, len(keys)).sum(0)
+  return dict(zip(keys, total.tolist()))
 
 
 def evaluate(config, workdir: str, progress: bool = True) -> dict:
   """Runs the classifier, the AG-CycleGAN and (phantoms) the CTR regressor over the test set."""
   mesh = sh.data_mesh(jax.local_devices())
   size = config.data.image_size
+  cam_kind = config.eval.cam
+  if cam_kind not in cam_lib.CAM_KINDS:
+    raise UserError(f"eval.cam={cam_kind!r}: use one of {', '.join(cam_lib.CAM_KINDS)}")
   cls_params, cls_step = train.restore_params(workdir, "classifier", S.classifier_init_fn(config), mesh,
-                                                config)
+                                              config)
   cls_params = cls_params["classifier"]
   gan_params, gan_step = train.restore_params(workdir, "gan", S.gan_init_fn(config), mesh, config)
-  phantoms = config.data.kind == "phantoms"
   ctr_params = ctr_model = None
-  if phantoms:
+  if config.data.kind == "phantoms":
     ctr_params, _ = train.restore_params(workdir, "ctr", S.ctr_init_fn(config), mesh, config)
     ctr_params = ctr_params["ctr"]
     ctr_model = S.ctr_model(config)
-  fn = jax.jit(_eval_fn(S.classifier_model(config), S.gan_models(config.model), ctr_model, size))
+  fn = jax.jit(_eval_fn(S.classifier_model(config), S.gan_models(config.model), ctr_model,
+                        size=size, geometry=trunk_geometry(config.model.cls_layers),
+                        cam_kind=cam_kind, threshold_grey=config.eval.truth_threshold_grey))
   ddir = train.data_dir(config, workdir)
   train.check_image_size(config, ddir)
-  source = pipeline.open_source(ddir, "test")
   n_local = len(jax.local_devices())
   batch_size = -(-config.eval.batch_size // n_local) * n_local
-  acc = _Accumulator(size, config.eval.border_width, config.eval.num_figure_examples)
-  seen = 0
+  prior, train_boxes = _training_priors(ddir, size, config.eval.truth_threshold_grey, batch_size)
+  source = pipeline.open_source(ddir, "test")
+  examples = _Examples(config.eval.num_figure_examples, cam_kind, size)
+  sums, seen, test_boxes = {}, 0, []
   batches = pipeline.eval_batches(source, batch_size=batch_size, shard_index=jax.process_index(),
                                   shard_count=jax.process_count())
   from tqdm import tqdm
   for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not (progress and train.is_main_process())):
-    images = sh.to_global({"image": batch["image"], "label": batch["label"].astype(np.int32)}, mesh)
-    out = jax.device_get(fn(cls_params, gan_params, ctr_params, images["image"], images["label"]))
-    acc.add(batch, out)
-    seen += int(np.sum(batch["valid"]))
+    dev = sh.to_global(_device_batch(batch), mesh)
+    s, figure = fn(cls_params, gan_params, ctr_params, prior, dev)
+    s = jax.device_get(s)
+    for k, v in s.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    preds = np.asarray(jax.device_get(figure["pred"]))
+    valid = np.asarray(batch["valid"], bool)
+    if "has_cardiomegaly_box" in batch:
+      test_boxes.append(_boxes_of(batch))
+    rows = examples.wanted(np.asarray(batch["label"]), preds, valid)
+    examples.add(batch, figure, rows, batch.get("heart_mask"))
+    seen += int(valid.sum())
     # (every process yields the same number of batches, so they stop together)
     if config.eval.max_examples and seen * jax.process_count() >= config.eval.max_examples:
       break
-  acc.merge_processes()
-  metrics = acc.metrics()
+  baselines = None
+  if test_boxes:
+    every = _gather_rows(np.concatenate(test_boxes))
+    baselines = M.box_baselines(every, train_boxes, size) if len(every) else None
+  metrics = summarize(_pool_processes(sums), baselines)
   metrics.update({
+      "cam_kind": cam_kind,
       "dataset": config.data.kind,
       "image_size": size,
       "classifier_step": cls_step,
@@ -292,8 +382,7 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
       "config": json.loads(json.dumps(config.to_dict(), default=list)),
   })
   if train.is_main_process():
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    np.savez(os.path.join(workdir, "eval", "examples.npz"), **acc.arrays(size))
+    examples.result().save(os.path.join(workdir, "eval", "examples.npz"))
     tmp = os.path.join(workdir, "metrics.json.tmp")
     with open(tmp, "w") as f:
       json.dump(metrics, f, indent=2)

@@ -16,11 +16,13 @@
 # %% [markdown]
 # # Explore an evaluated run
 #
-# Looks at what `agcg evaluate` wrote for one run: the headline numbers, the
-# translations of both directions (paper Fig. 4: real image, attention map,
-# masked generator output, translation and difference) and the class
-# activation maps of the classifier (paper Fig. 5). Nothing is trained here;
-# everything is read from the run's workdir through `agcg_jax.report`.
+# Looks at what `agcg evaluate` wrote for one run: the headline numbers, each
+# beside its chance level or baseline, the translations of both directions
+# (paper Fig. 4: real image, attention map, masked generator output,
+# translation and difference, and on phantoms the exact counterfactual twin)
+# and the classifier's decision maps (paper Fig. 5). Nothing is trained here;
+# everything is read from the run's workdir through `agcg_jax.report` and
+# drawn by `agcg_jax.figures`.
 #
 # Set `AGCG_WORKDIR` (or edit the cell below) to point at another run.
 
@@ -36,7 +38,7 @@ from pathlib import Path
 
 from IPython.display import display
 
-from agcg_jax import report
+from agcg_jax import figures, report
 
 # A relative WORKDIR is taken from the repository root, where `agcg` runs;
 # the notebook itself runs in notebooks/.
@@ -44,8 +46,9 @@ workdir = Path(WORKDIR)
 if not workdir.is_absolute() and not workdir.exists() and (Path("..") / workdir).exists():
   workdir = Path("..") / workdir
 metrics = report.load_metrics(workdir)
-examples = report.load_examples(workdir)
+examples = report.load_examples(workdir)  # an agcg_jax.examples.ExampleMaps
 print(f"run: {workdir.resolve()}")
+print(f"{len(examples)} example cases; decision map: {examples.cam_kind}")
 print(f"dataset: {metrics.get('dataset')}, image size: {metrics.get('image_size')}, "
       f"date: {metrics.get('date')}")
 
@@ -56,9 +59,9 @@ print(f"dataset: {metrics.get('dataset')}, image size: {metrics.get('image_size'
 print(report.headline(metrics))
 print()
 rows = report.metric_rows(metrics)
-width = max(len(label) for label, _, _ in rows)
-for label, value, _ in rows:
-  print(f"{label:<{width}}  {value:>8}")
+width = max(len(row.label) for row in rows)
+for row in rows:
+  print(f"{row.label:<{width}}  {row.value:>8}  {row.baseline}")
 
 # %% [markdown]
 # Confusion matrices: rows are the actual class (for translated images, the
@@ -81,27 +84,31 @@ for key, title in (("confusion_original", "original"), ("confusion_translated", 
 #
 # Attention is 0 where the translation keeps the pixel and 1 where it takes the
 # generator's output; Diff is translated minus real (red: brighter after
-# translation). On phantoms the red contour is the true heart outline and the
-# row label gives the measured cardiothoracic ratio before and after.
+# translation). On phantoms the red contour is the original heart outline, the
+# Twin column is the exact counterfactual (the same phantom with the other
+# label) and |Twin − Real| the true change, on Diff's scale; row labels give
+# the prediction before and after and the measured cardiothoracic ratio.
 
 # %%
-for direction in report.DIRECTIONS:
-  display(report.figure_translation(examples, direction, cases=CASES))
+for direction in figures.DIRECTION_NAMES:
+  display(figures.figure_translation(examples, direction, cases=CASES))
 
 # %% [markdown]
-# ## Class activation maps (paper Fig. 5)
+# ## Decision maps (paper Fig. 5)
 #
-# (a) and (d) are correct predictions, (b) and (c) mistakes. The CAM of the
-# predicted class is min-max normalised per image.
+# (a) and (d) are correct predictions, (b) and (c) mistakes. The map is
+# signed (red: for the predicted class, blue: against it) and drawn raw on
+# one symmetric scale for the whole figure; which map it is:
 
 # %%
-display(report.figure_cam(examples, per_cell=CASES))
+print(report.cam_note(metrics.get("cam_kind") or examples.cam_kind))
+display(figures.figure_cam(examples, per_cell=CASES))
 
 # %% [markdown]
 # ## Training curves
 
 # %%
-curves = report.figure_training_curves(workdir)
+curves = figures.figure_training_curves(report.load_training_logs(workdir))
 if curves is None:
   print("no training logs in this workdir")
 else:

@@ -1,12 +1,15 @@
 """A synthetic evaluated run (metrics.json, eval/examples.npz, metrics.jsonl) for report tests.
 
-The files follow the format `agcg evaluate` and training write; the images
-are tiny drawn chest phantoms so the figures look like the real thing.
+The files follow the format `agcg evaluate` and training write (examples as
+`agcg_jax.examples.ExampleMaps`); the images are tiny drawn chest phantoms
+with their counterfactual twins, so the figures look like the real thing.
 """
 import json
 import os
 
 import numpy as np
+
+from agcg_jax.examples import DIRECTIONS, ExampleMaps
 
 CLASS_NAMES = ["No Finding", "Cardiomegaly"]
 # Chosen so the formatted numbers are unambiguous: 16/20 and 6/20.
@@ -14,10 +17,13 @@ CONFUSION_ORIGINAL = [[9, 1], [3, 7]]
 CONFUSION_TRANSLATED = [[2, 8], [4, 6]]
 ACCURACY_ORIGINAL_TEXT = "80.0%"
 ACCURACY_TRANSLATED_TEXT = "30.0%"
+# Source class (label) of each direction, and the heart half-widths of source and twin.
+SOURCE_LABEL = {"to_cardiomegaly": 0, "to_no_finding": 1}
+HEART_WIDTH = {0: 0.25, 1: 0.42}
 
 
-def _chest(size: int, heart_halfwidth: float, rng) -> tuple[np.ndarray, np.ndarray]:
-  """A phantom [S, S] in [-1, 1] and its heart mask [S, S] in {0, 1}."""
+def _chest(size: int, heart_halfwidth: float, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """A phantom [S, S] in [-1, 1] and its heart mask [S, S] in {0, 1}; noise [S, S] is added."""
   y, x = np.mgrid[0:size, 0:size] / (size - 1) * 2 - 1  # [-1, 1]
   body = (x / 0.9) ** 2 + (y / 0.95) ** 2 < 1
   lungs = (((x + 0.38) / 0.3) ** 2 + ((y + 0.05) / 0.6) ** 2 < 1) | (
@@ -27,7 +33,7 @@ def _chest(size: int, heart_halfwidth: float, rng) -> tuple[np.ndarray, np.ndarr
   image[body] = 0.3
   image[lungs] = -0.6
   image[heart] = 0.5
-  image += 0.05 * rng.standard_normal((size, size))
+  image += noise
   return np.clip(image, -1, 1).astype(np.float32), heart.astype(np.float32)
 
 
@@ -43,7 +49,7 @@ def _border_band(mask: np.ndarray, width: int = 2) -> np.ndarray:
 
 
 def metrics(dataset: str = "phantoms", size: int = 32) -> dict:
-  """A metrics.json object as `agcg evaluate` writes it."""
+  """A metrics.json object as `agcg evaluate` writes it (distinct values, for tests to find)."""
   m = {
       "dataset": dataset,
       "image_size": size,
@@ -53,84 +59,118 @@ def metrics(dataset: str = "phantoms", size: int = 32) -> dict:
       "class_names": CLASS_NAMES,
       "accuracy_original": 0.8,
       "accuracy_translated": 0.3,
+      "accuracy_chance": 0.55,
       "confusion_original": CONFUSION_ORIGINAL,
       "confusion_translated": CONFUSION_TRANSLATED,
-      "flip_rate": {"No Finding": 0.7, "Cardiomegaly": 0.5},
+      "flip_rate": 0.6,
+      "flip_rate_by_class": {"No Finding": 0.7, "Cardiomegaly": 0.5},
+      "cam_kind": "margin",
+      "cam_attention_pearson": 0.412,
+      "classifier_step": 400,
+      "gan_step": 2000,
       "config": {"data": {"image_size": size, "source": dataset},
                  "gan": {"steps": 10, "lr_d": 4e-4},
                  "note": "<script>alert('x')</script>"},
   }
   if dataset == "phantoms":
-    m.update(attention_border_enrichment=3.21, cam_border_enrichment=1.87,
-             cam_attention_pearson=0.412, ctr_direction_correct=0.85,
-             ctr_regressor_mae=0.0123,
-             ctr_shift={"to_cardiomegaly": 0.061, "to_no_finding": -0.048})
+    m.update(
+        flip_rate_twin=0.9,
+        truth_support_share=0.081,
+        attention_truth_enrichment=3.21, cam_truth_enrichment=1.87,
+        diff_truth_enrichment=4.05, prior_truth_enrichment=2.46,
+        attention_truth_pearson=0.512, cam_truth_pearson=0.153,
+        diff_truth_pearson=0.734, prior_truth_pearson=0.387,
+        attention_truth_topk_iou=0.311, cam_truth_topk_iou=0.127,
+        diff_truth_topk_iou=0.456, prior_truth_topk_iou=0.268,
+        truth_topk_iou_chance=0.0421,
+        counterfactual_error=0.62,
+        change_inside_truth=21.5, change_outside_truth=3.25,
+        ctr_direction_correct=0.85, ctr_direction_correct_model_free=0.775,
+        ctr_shift={"to_cardiomegaly": 0.061, "to_no_finding": -0.048},
+        ctr_shift_model_free={"to_cardiomegaly": 0.052, "to_no_finding": -0.039},
+        ctr_crosses_threshold=0.45, ctr_regressor_mae=0.0123, ruler_mae=0.0215,
+        ctr_mae_fixed_prior=0.0634, truth_enrichment_chance=1.0,
+        counterfactual_error_identity=1.0,
+        ruler_twin_order=0.95, direction_chance=0.5)
   else:
-    m.update(attention_in_box=0.634, cam_in_box=0.512, attention_pointing=0.75,
-             cam_pointing=0.5, num_boxed=4)
+    m.update(num_boxed=8, box_area_share=0.183, box_enrichment_chance=1.0,
+             attention_box_enrichment=1.42, cam_box_enrichment=1.17,
+             diff_box_enrichment=1.33, prior_box_enrichment=1.29,
+             attention_pointing=0.75, cam_pointing=0.5, diff_pointing=0.875,
+             fixed_point_pointing=0.625)
   return m
 
 
+def _smooth(a: np.ndarray, times: int = 3) -> np.ndarray:
+  for _ in range(times):
+    a = (a + np.roll(a, 1, 0) + np.roll(a, -1, 0) + np.roll(a, 1, 1) + np.roll(a, -1, 1)) / 5
+  return a
+
+
 def examples(size: int = 32, n: int = 2, dataset: str = "phantoms",
-             empty_cells: tuple[str, ...] = ("cardiomegaly_as_no_finding",),
-             seed: int = 0) -> dict[str, np.ndarray]:
-  """The arrays of eval/examples.npz; CAM cells named in `empty_cells` have n = 0."""
+             empty_cells: tuple[tuple[int, int], ...] = ((1, 0),), seed: int = 0,
+             cam_kind: str = "margin") -> ExampleMaps:
+  """n cases per direction; the (label, pred) CAM cells in `empty_cells` get no case.
+
+  Phantoms carry `heart_mask` and `twin` (the same phantom with the other
+  label: same noise, other heart), CTRs; NIH none of these (CTRs NaN).
+  `cam` is signed like a margin map: positive around the heart border,
+  negative elsewhere, with a different scale per case.
+  """
   rng = np.random.default_rng(seed)
-  out = {}
-  for direction, (src_w, tgt_w) in {"to_cardiomegaly": (0.25, 0.42),
-                                    "to_no_finding": (0.42, 0.25)}.items():
-    reals, atts, gens, fakes, masks, ctr_r, ctr_f = [], [], [], [], [], [], []
-    for _ in range(n):
-      real, heart = _chest(size, src_w, rng)
-      target, target_heart = _chest(size, tgt_w, rng)
-      attention = np.clip(_border_band(heart) + _border_band(target_heart), 0, 1) * 0.9
-      generated = np.clip(target + 0.1 * rng.standard_normal((size, size)), -1, 1)
-      fake = attention * generated + (1 - attention) * real
-      reals.append(real), atts.append(attention), gens.append(generated)
-      fakes.append(fake), masks.append(heart)
-      ctr_r.append(src_w * 1.1 + 0.01 * rng.standard_normal())
-      ctr_f.append(tgt_w * 1.1 + 0.01 * rng.standard_normal())
-    out[f"{direction}_real"] = np.stack(reals).astype(np.float32)
-    out[f"{direction}_attention"] = np.stack(atts).astype(np.float32)
-    out[f"{direction}_generated"] = np.stack(gens).astype(np.float32)
-    out[f"{direction}_fake"] = np.stack(fakes).astype(np.float32)
-    source = "no_finding" if direction == "to_cardiomegaly" else "cardiomegaly"
-    out[f"{direction}_id"] = np.array([f"{source}_{i:04d}" for i in range(n)])
-    if dataset == "phantoms":
-      out[f"{direction}_ctr_real"] = np.array(ctr_r, np.float32)
-      out[f"{direction}_ctr_fake"] = np.array(ctr_f, np.float32)
-      out[f"{direction}_heart_mask"] = np.stack(masks).astype(np.float32)
-  for true in ("cardiomegaly", "no_finding"):
-    for pred in ("cardiomegaly", "no_finding"):
-      key = f"cam_{true}_as_{pred}"
-      k = 0 if key[4:] in empty_cells else n
-      images, cams = [], []
-      for _ in range(k):
-        image, heart = _chest(size, 0.42 if true == "cardiomegaly" else 0.25, rng)
-        # A coarse map around the heart border, like an upsampled CAM: smooth, with a little noise.
-        band = _border_band(heart, 3)
-        for _ in range(3):
-          band = (band + np.roll(band, 1, 0) + np.roll(band, -1, 0) + np.roll(band, 1, 1)
-                  + np.roll(band, -1, 1)) / 5
-        cams.append(4.0 * band + 0.2 * rng.standard_normal((size, size)) - 1.0)
-        images.append(image)
-      out[f"{key}_image"] = np.array(images, np.float32).reshape(k, size, size)
-      out[f"{key}_cam"] = np.array(cams, np.float32).reshape(k, size, size)
-      out[f"{key}_prob"] = rng.uniform(0.5, 1.0, k).astype(np.float32)
-      out[f"{key}_id"] = np.array([f"{true}_{i:04d}" for i in range(k)], dtype=str)
-  return out
+  parts = []
+  for direction in DIRECTIONS:
+    label = SOURCE_LABEL[direction]
+    preds = [p for p in (label, 1 - label) if (label, p) not in empty_cells]
+    if not preds:
+      raise ValueError(f"every CAM cell of label {label} is empty")
+    rows = {k: [] for k in ("real", "attention", "generated", "fake", "cam", "heart_mask",
+                            "twin", "ctr_real", "ctr_fake")}
+    for i in range(n):
+      noise = 0.05 * rng.standard_normal((size, size))
+      real, heart = _chest(size, HEART_WIDTH[label], noise)
+      twin, twin_heart = _chest(size, HEART_WIDTH[1 - label], noise)
+      attention = np.clip(_border_band(heart) + _border_band(twin_heart), 0, 1) * 0.9
+      generated = np.clip(twin + 0.1 * rng.standard_normal((size, size)), -1, 1)
+      rows["real"].append(real)
+      rows["attention"].append(attention)
+      rows["generated"].append(generated)
+      rows["fake"].append(attention * generated + (1 - attention) * real)
+      # A coarse signed map around the heart border, like an upsampled margin CAM.
+      band = _smooth(_border_band(heart, 3))
+      scale = 1.0 + 2.0 * i
+      rows["cam"].append(scale * (4.0 * band - 0.5 + 0.2 * rng.standard_normal((size, size))))
+      rows["heart_mask"].append(heart)
+      rows["twin"].append(twin)
+      rows["ctr_real"].append(HEART_WIDTH[label] * 1.1 + 0.01 * rng.standard_normal())
+      rows["ctr_fake"].append(HEART_WIDTH[1 - label] * 1.1 + 0.01 * rng.standard_normal())
+    pred = np.array([preds[i % len(preds)] for i in range(n)])
+    phantoms = dataset == "phantoms"
+    nan = np.full(n, np.nan)
+    parts.append(ExampleMaps(
+        id=[f"{CLASS_NAMES[label].replace(' ', '_').lower()}_{i:04d}" for i in range(n)],
+        direction=[direction] * n, label=[label] * n, pred=pred,
+        pred_translated=1 - pred, prob=rng.uniform(0.5, 1.0, n),
+        real=np.stack(rows["real"]), attention=np.stack(rows["attention"]),
+        generated=np.stack(rows["generated"]), fake=np.stack(rows["fake"]),
+        cam=np.stack(rows["cam"]),
+        ctr_real=np.array(rows["ctr_real"]) if phantoms else nan,
+        ctr_fake=np.array(rows["ctr_fake"]) if phantoms else nan,
+        cam_kind=cam_kind,
+        heart_mask=np.stack(rows["heart_mask"]) if phantoms else None,
+        twin=np.stack(rows["twin"]) if phantoms else None))
+  return ExampleMaps.concatenate(parts)
 
 
 def make_workdir(root: str | os.PathLike, *, dataset: str = "phantoms", size: int = 32,
-                 n: int = 2, empty_cells: tuple[str, ...] = ("cardiomegaly_as_no_finding",),
+                 n: int = 2, empty_cells: tuple[tuple[int, int], ...] = ((1, 0),),
                  with_logs: bool = True) -> str:
   """Writes a synthetic evaluated run under `root` and returns its path."""
   workdir = os.path.join(root, "run")
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(metrics(dataset, size), f, indent=2)
-  np.savez(os.path.join(workdir, "eval", "examples.npz"),
-           **examples(size, n, dataset, empty_cells))
+  examples(size, n, dataset, empty_cells).save(os.path.join(workdir, "eval", "examples.npz"))
   if with_logs:
     rng = np.random.default_rng(1)
     noise = lambda: 0.1 * rng.standard_normal()  # noqa: E731

@@ -42,9 +42,13 @@ def test_demo_chain_writes_report_metrics_and_logs(tiny_run):
   workdir, proc = tiny_run
   with open(os.path.join(workdir, "metrics.json")) as f:
     m = json.load(f)
-  for key in ("accuracy_original", "accuracy_translated", "attention_border_enrichment",
-              "ctr_direction_correct", "cam_attention_pearson", "ctr_regressor_mae"):
+  for key in ("accuracy_original", "accuracy_translated", "flip_rate", "attention_truth_enrichment",
+              "cam_truth_enrichment", "prior_truth_enrichment", "attention_truth_pearson",
+              "counterfactual_error", "ctr_direction_correct", "ctr_direction_correct_model_free",
+              "cam_attention_pearson", "ctr_regressor_mae", "ruler_mae", "truth_support_share"):
     assert key in m and np.isfinite(m[key]), key
+  assert m["cam_kind"] == "margin"
+  assert 0.0 < m["truth_support_share"] < 0.5
   assert 0.0 <= m["accuracy_original"] <= 1.0
   assert np.sum(m["confusion_original"]) == m["num_test"] == 16
   assert m["class_names"] == ["No Finding", "Cardiomegaly"]

@@ -217,6 +217,9 @@ def make_phantom(seed: int, size: int = 64, label: int = 0) -> dict:
       image: uint8 [S, S, 1], 0 = black (air), 255 = white (dense).
       heart_mask: uint8 [S, S, 1] in {0, 1}: the heart covers >= half the
         pixel.
+      body_mask: uint8 [S, S, 1] in {0, 1}: the body (anything but the air
+        around the patient) covers >= half the pixel; the same for both
+        labels of a seed.
       ctr: float32 scalar, heart width / inner thorax width, measured across
         the patient on the rendered masks (~ the ratio of the box widths;
         the same up to pose rotation).
@@ -462,9 +465,11 @@ def make_phantom(seed: int, size: int = 64, label: int = 0) -> dict:
   # of rendered pixels, each as wide as it is.
   ctr = _extent(x, heart_hard) / _extent(x, cavity_hard)
   heart_mask = _area_down(heart_hard.astype(np.float32), f) >= 0.5
+  body_mask = _area_down(body, f) >= 0.5
   return {
       "image": image_u8[..., None],
       "heart_mask": heart_mask.astype(np.uint8)[..., None],
+      "body_mask": body_mask.astype(np.uint8)[..., None],
       "ctr": np.float32(ctr),
       "heart_box": heart_box,
       "thorax_box": thorax_box,

@@ -5,6 +5,12 @@ Every example is a pure function of (seed, split, index) through
 `phantoms.phantom_seed`, and labels alternate with the index, so each split
 is balanced (its odd count leaves one more No Finding).
 
+Each record also carries its counterfactual twin: the same phantom rendered
+from the same seed with the other label (`twin_image`, `twin_ctr`): same
+patient, pose, exposure, noise and devices, only the heart changed. Where
+twin and image differ is exactly where the classes differ for that patient:
+the ground truth the explanation is scored against (metrics.py).
+
 Read it back without this module: `tfds.builder_from_directory(
 <data_dir>/phantom_chest_xray/<config>/1.0.0).as_data_source(split)`.
 
@@ -53,8 +59,9 @@ class PhantomChestXray(tfds.core.GeneratorBasedBuilder):
   """Synthetic frontal chest radiographs labelled by cardiothoracic ratio."""
 
   name = "phantom_chest_xray"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Counterfactual twin (image, CTR) and body mask."}
   BUILDER_CONFIGS = [PhantomConfig.make()]
   DEFAULT_CONFIG_NAME = BUILDER_CONFIGS[0].name
 
@@ -79,13 +86,18 @@ class PhantomChestXray(tfds.core.GeneratorBasedBuilder):
             "heart mask, heart and inner-thorax boxes (x0, y0, x1, y1, "
             "stored pixels) and the cardiothoracic ratio; label "
             "Cardiomegaly iff CTR > 0.5. Exposure, pose, noise, blur and "
-            "devices are drawn independently of the label."),
+            "devices are drawn independently of the label. twin_image / "
+            "twin_ctr: the same phantom with the other label (only the "
+            "heart differs); body_mask: the patient's body."),
         features=tfds.features.FeaturesDict({
             "image": array((size, size, 1), np.uint8),
             "label": tfds.features.ClassLabel(names=records.CLASS_NAMES),
             "id": tfds.features.Text(),
             "heart_mask": array((size, size, 1), np.uint8),
+            "body_mask": array((size, size, 1), np.uint8),
             "ctr": array((), np.float32),
+            "twin_image": array((size, size, 1), np.uint8),
+            "twin_ctr": array((), np.float32),
             "heart_box": array((4,), np.float32),
             "thorax_box": array((4,), np.float32),
         }),
@@ -104,8 +116,10 @@ class PhantomChestXray(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, count: int):
     cfg = self.builder_config
     for index in range(count):
-      ex = phantoms.make_phantom(
-          phantoms.phantom_seed(cfg.seed, split, index), cfg.size, index % 2)
+      seed = phantoms.phantom_seed(cfg.seed, split, index)
+      ex = phantoms.make_phantom(seed, cfg.size, index % 2)
+      twin = phantoms.make_phantom(seed, cfg.size, 1 - index % 2)
+      ex["twin_image"], ex["twin_ctr"] = twin["image"], twin["ctr"]
       ex["id"] = f"phantom_{split}_{index:06d}"
       yield index, ex
 

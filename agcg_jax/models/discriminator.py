@@ -5,6 +5,22 @@ import jax.numpy as jnp
 from agcg_jax.models.layers import Dtype, instance_norm
 
 
+def trunk_geometry(num_layers: int) -> tuple[float, float]:
+  """(stride, offset) of PatchTrunk's output grid in input pixels.
+
+  Cell i of the feature map has its receptive field centred on input pixel
+  coordinate `offset + stride * i` (pixel j's centre at j). Composed from the
+  trunk's layers: a k x k conv with stride s and padding p maps output index
+  i to input centre s * i + (k - 1) / 2 - p.
+  """
+  layers = [(4, 2, 1)] * num_layers + [(4, 1, 1)]
+  stride, offset = 1.0, 0.0
+  for k, s, p in layers:  # input -> output: compose centre maps
+    offset += stride * ((k - 1) / 2 - p)
+    stride *= s
+  return stride, offset
+
+
 class PatchTrunk(nn.Module):
   """C64 (no norm) - C128 - C256 - ... stride 2, then one stride-1 C(8w); LeakyReLU 0.2.
 

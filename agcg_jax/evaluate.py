@@ -111,13 +111,20 @@ def _eval_fn(cls_model, gan_models, ctr_model, *, size, geometry, cam_kind, thre
       add("change_out", M.region_mass(diff, outside))
       add("area_out", M.area(outside))
       # The model-free ruler on real, translated and twin images.
-      r_real, r_fake, r_twin = (ruler.silhouette_ctr(v)["ctr"] for v in (x, fake, twin))
-      add("ruler_dir", M.direction_correct(r_real, r_fake, labels == 0))
-      add("ruler_shift_y0", (r_fake - r_real) * y0)
-      add("ruler_shift_y1", (r_fake - r_real) * (1.0 - y0))
-      add("ruler_twin_order", M.direction_correct(r_real, r_twin, labels == 0))
+      # An image it cannot measure (NaN) counts as a wrong direction.
+      rr, rf, rt = (ruler.silhouette_ctr(v) for v in (x, fake, twin))
+      both = rr["valid"] & rf["valid"]
+      shift = jnp.where(both, rf["ctr"] - rr["ctr"], 0.0)
+      add("ruler_dir", M.direction_correct(rr["ctr"], rf["ctr"], labels == 0))
+      add("ruler_twin_order", M.direction_correct(rr["ctr"], rt["ctr"], labels == 0))
+      add("ruler_valid", rr["valid"])
+      add("ruler_valid_fake", rf["valid"])
+      add("ruler_shift_y0", shift * y0)
+      add("ruler_shift_y1", shift * (1.0 - y0))
+      add("ruler_both_y0", both * y0)
+      add("ruler_both_y1", both * (1.0 - y0))
       if "ctr" in b:
-        add("ruler_abs_err", jnp.abs(r_real - b["ctr"]))
+        add("ruler_abs_err", jnp.where(rr["valid"], jnp.abs(rr["ctr"] - b["ctr"]), 0.0))
 
     if ctr_model is not None:
       c_real = ctr_model.apply({"params": ctr_params}, images)[:, 0]
@@ -194,10 +201,13 @@ def summarize(sums: dict, box_baselines: dict | None = None) -> dict:
     m["change_outside_truth"] = M.pooled_ratio(g("change_out"), g("area_out")) / M.GREY
     m["direction_chance"] = 0.5
     m["ctr_direction_correct_model_free"] = g("ruler_dir") / n
-    m["ctr_shift_model_free"] = _per_direction(sums, "ruler_shift", per_class)
+    m["ctr_shift_model_free"] = _per_direction(
+        sums, "ruler_shift", [g(f"ruler_both_y{c}") for c in range(NUM_CLASSES)])
     m["ruler_twin_order"] = g("ruler_twin_order") / n
+    m["ruler_measured"] = g("ruler_valid") / n
+    m["ruler_measured_translated"] = g("ruler_valid_fake") / n
     if "ruler_abs_err" in sums:
-      m["ruler_mae"] = g("ruler_abs_err") / n
+      m["ruler_mae"] = M.pooled_ratio(g("ruler_abs_err"), g("ruler_valid"))
   if "ctr_dir" in sums:
     m["direction_chance"] = 0.5
     m["ctr_direction_correct"] = g("ctr_dir") / n

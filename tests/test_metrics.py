@@ -148,7 +148,8 @@ def test_summarize_truth_and_boxes_by_hand():
   truth = {"supp_area": 10.0, "body_area": 100.0, "flip_twin": 2.0, "mae_fake_twin": 1.0,
            "mae_real_twin": 4.0, "change_in": 10.0 * M.GREY * 30, "change_out": 90.0 * M.GREY * 2,
            "area_out": 90.0, "ruler_dir": 3.0, "ruler_shift_y0": 0.2, "ruler_shift_y1": -0.1,
-           "ruler_twin_order": 4.0, "ruler_abs_err": 0.08}
+           "ruler_twin_order": 4.0, "ruler_abs_err": 0.08,
+           "ruler_valid": 4.0, "ruler_valid_fake": 3.0, "ruler_both_y0": 2.0, "ruler_both_y1": 1.0}
   for name in evaluate.SCORED_MAPS:
     truth.update({f"truth_in_{name}": 5.0, f"truth_all_{name}": 10.0, f"truth_r_{name}": 2.0,
                   f"truth_iou_{name}": 1.0})
@@ -168,6 +169,8 @@ def test_summarize_truth_and_boxes_by_hand():
   assert m["ctr_direction_correct_model_free"] == pytest.approx(0.75)
   assert m["ctr_shift_model_free"]["to_cardiomegaly"] == pytest.approx(0.1)  # 0.2 over 2 NF images
   assert m["ruler_mae"] == pytest.approx(0.02)
+  assert m["ctr_shift_model_free"]["to_no_finding"] == pytest.approx(-0.1)  # over 1 measured pair
+  assert m["ruler_measured_translated"] == pytest.approx(0.75)
   assert m["box_area_share"] == pytest.approx(0.25)
   assert m["attention_box_enrichment"] == pytest.approx(3.0)  # (3/4) / 0.25
   assert m["attention_pointing"] == pytest.approx(0.5)

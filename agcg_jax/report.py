@@ -160,6 +160,13 @@ METRICS = {
         "Ruler MAE", "float",
         "Mean absolute error of the model-free ruler against the true CTR on real test "
         "phantoms, in CTR units."),
+    "ruler_measured": (
+        "Ruler measured, real", "pct",
+        "Share of real test images the model-free ruler could measure (lungs and both heart "
+        "borders found); the others count as wrong directions and are left out of its MAE."),
+    "ruler_measured_translated": (
+        "Ruler measured, translated", "pct",
+        "Share of translated test images the model-free ruler could measure."),
     "ruler_twin_order": (
         "Ruler orders twins", "pct",
         "Share of test (image, twin) pairs whose CTRs the ruler orders right: the ceiling of "

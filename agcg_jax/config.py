@@ -11,7 +11,7 @@ import ast
 import importlib.util
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import ml_collections
 
@@ -121,14 +121,21 @@ def section_dict(cfg: ml_collections.ConfigDict, sections: Iterable[str]) -> dic
                                 else cfg[s] for s in sections}, default=list))
 
 
-def check_or_record(cfg, sections: Iterable[str], path: str) -> None:
+def check_or_record(cfg, sections: Iterable[str], path: str,
+                    may_change: Callable[[str, Any, Any], bool] | None = None) -> list[str]:
   """Records the given config sections at `path`, or checks they match a previous record.
 
   A workdir holding a run of another config is an error (resuming it with
-  other settings would silently mix two experiments).
+  other settings would silently mix two experiments). Keys for which
+  `may_change(key, recorded, current)` is true (e.g. a stage's `steps`, made
+  larger to train longer) may differ: the record is then updated.
+
+  Returns:
+    The changes recorded, as "key: old -> new" (empty for a new or same record).
   """
   sections = list(sections)
   current = section_dict(cfg, sections)
+  changed = []
   if os.path.exists(path):
     try:
       with open(path) as f:
@@ -136,16 +143,28 @@ def check_or_record(cfg, sections: Iterable[str], path: str) -> None:
     except (OSError, json.JSONDecodeError) as e:
       raise UserError(f"{path}: unreadable run config ({e}); remove it or use another --workdir") from e
     diffs = _diff(previous, current)
-    if diffs:
-      shown = ", ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
+    allowed = [k for k in diffs if may_change is not None
+               and may_change(k, _get(previous, k), _get(current, k))]
+    refused = [k for k in diffs if k not in allowed]
+    if refused:
+      shown = ", ".join(refused[:6]) + (" ..." if len(refused) > 6 else "")
       raise UserError(f"workdir {os.path.dirname(path) or '.'} holds a run of another config "
                       f"(differs in {shown}); use a new --workdir or the same config")
-    return
+    if not allowed:
+      return []
+    changed = [f"{k}: {_get(previous, k)!r} -> {_get(current, k)!r}" for k in allowed]
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(current, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
+  return changed
+
+
+def _get(tree, dotted: str):
+  for part in dotted.split("."):
+    tree = tree.get(part) if isinstance(tree, dict) else None
+  return tree
 
 
 def _diff(a, b, prefix="") -> list[str]:

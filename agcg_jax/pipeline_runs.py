@@ -1,4 +1,5 @@
 """The run subcommands as library functions: what `agcg COMMAND` does, callable from tests."""
+import errno
 import json
 import os
 import time
@@ -59,7 +60,28 @@ def demo(config, workdir: str) -> int:
   return 0
 
 
+# A write the filesystem refused: disk full, quota, no permission, read-only.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+
+
 def run_command(command: str, config, workdir: str, images=()) -> int:
+  """Runs `agcg COMMAND`; a write the filesystem refuses is one line (UserError), not a traceback.
+
+  Training names the checkpoint it could not write and the last complete one
+  (train.py); evaluate and explain write metrics.json and report.html through
+  a temporary file, so the previous ones stay whole.
+  """
+  try:
+    return _run_command(command, config, workdir, images)
+  except OSError as e:
+    if e.errno not in _WRITE_ERRNOS:
+      raise
+    raise UserError(f"{command}: {e.strerror}: {e.filename or workdir}; the checkpoints and "
+                    "earlier results are untouched: free space or fix the permissions, then run "
+                    "the same command again") from None
+
+
+def _run_command(command: str, config, workdir: str, images=()) -> int:
   os.makedirs(workdir, exist_ok=True)
   if command == "prepare-phantoms":
     path = prepare_phantoms(config, workdir)

@@ -4,6 +4,26 @@ Each stage (classifier, gan, ctr) lives in <workdir>/<stage>/ with
 checkpoints/, metrics.jsonl (one JSON object per logged step) and
 config.json (the config sections it was trained with). Running the same
 command again resumes from the last complete checkpoint, data order included.
+
+Training longer: the same command with a larger `<stage>.steps` continues
+the run from its last checkpoint to the new total, and config.json records
+the new total (`RESUMABLE_FIELDS`: also the logging/checkpoint intervals;
+anything that changes the networks or the data is still refused). The
+learning-rate schedules (state.adam: constant, then linear decay to 0 from
+`decay_start` x steps) and the GAN's optional second stage are functions of
+the *absolute* step (the optimiser's own count, restored with the state) and
+of the current total: raising `steps` re-plans the rest of the run as the
+plan for the new total has it from that step on (the rule of CycleGAN's
+--continue_train with a larger --n_epochs). Extended before its decay began,
+a run is exactly the run planned for the new total from the start (tested);
+extended after, it resumes at the new plan's rate for its step, e.g. a
+finished 2000-step GAN (decay_start 0.5) raised to 2100 steps goes on at
+(1 - 950/1050) = 0.095 of the base rates, down to 0 at 2100.
+
+Faults: a damaged newest checkpoint is reported, moved aside and replaced by
+the newest readable one (checkpoint.py); a write that fails (checkpoint,
+metrics.jsonl, config.json) stops with one line naming the path and the last
+complete checkpoint.
 """
 import dataclasses
 import functools
@@ -24,6 +44,7 @@ from agcg_jax import config as config_lib
 from agcg_jax import sharding as sh
 from agcg_jax import state as S
 from agcg_jax import steps
+from agcg_jax import checkpoint as ckpt_lib
 from agcg_jax.checkpoint import Checkpointer, abstract_with_shardings
 from agcg_jax.data import pipeline
 from agcg_jax.data.records import NUM_CLASSES
@@ -42,6 +63,10 @@ MODEL_FIELDS = {
             "att_width", "att_dilations", "dis_width", "dis_layers", "dis_sigmoid"),
     "ctr": ("dtype",),  # its widths live in config.ctr (recorded with that section)
 }
+# Fields of a stage's own section that may differ from its record: they change
+# how long the run is, or how often it logs and saves, never what it learns
+# up to the steps already trained. `steps` may only grow.
+RESUMABLE_FIELDS = ("steps", "log_every", "ckpt_every", "keep")
 
 
 class NonFiniteLoss(UserError):
@@ -56,13 +81,37 @@ def data_dir(config, workdir: str) -> str:
   return config.data.dir or os.path.join(workdir, "data")
 
 
+def _may_change(stage: str):
+  def allowed(key, recorded, current) -> bool:
+    section, _, field = key.partition(".")
+    if section != stage or field not in RESUMABLE_FIELDS:
+      return False
+    if field == "steps":
+      return isinstance(recorded, int) and isinstance(current, int) and current > recorded
+    return True
+  return allowed
+
+
 def _record_stage_config(config, workdir: str, stage: str) -> None:
+  """Records the stage's config in <workdir>/<stage>/config.json, or checks the run's record.
+
+  A larger `<stage>.steps` (or other RESUMABLE_FIELDS) updates the record:
+  the run is continued to the new total (module docstring).
+  """
   sections = dict(config_lib.section_dict(config, STAGE_SECTIONS[stage]))
   sections["model"] = {k: config.model[k] for k in MODEL_FIELDS[stage]}
   path = os.path.join(workdir, stage, "config.json")
   cfg = ml_collections.ConfigDict(sections)
-  if is_main_process():
-    config_lib.check_or_record(cfg, list(sections), path)
+  if not is_main_process():
+    return
+  try:
+    changed = config_lib.check_or_record(cfg, list(sections), path, may_change=_may_change(stage))
+  except OSError as e:
+    last = ckpt_lib.last_step_on_disk(os.path.join(workdir, stage, "checkpoints"))
+    raise ckpt_lib.WriteError(ckpt_lib.write_failure(
+        e.filename or path, e, os.path.join(workdir, stage, "checkpoints"), last)) from None
+  if changed:
+    print(f"agcg: {stage}: the run's config.json updated ({'; '.join(changed)})", flush=True)
 
 
 class MetricsLog:
@@ -77,16 +126,22 @@ class MetricsLog:
     if not enabled:
       return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    kept = []
+    kept, changed = [], False
     if os.path.exists(path):
       with open(path) as f:
         for line in f:
           try:
             row = json.loads(line)
           except json.JSONDecodeError:
+            changed = True
             continue  # a line cut short by a kill
           if row.get("step", 0) <= resume_step:
+            changed |= not line.endswith("\n")
             kept.append(line if line.endswith("\n") else line + "\n")
+          else:
+            changed = True
+      if not changed:
+        return  # nothing to drop: no write (a finished run's workdir may be read-only)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(kept)
@@ -169,19 +224,35 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
   n_proc = jax.process_count()
   per_process = stage.global_batch // n_proc
   batches = stage.make_batches(per_process, jax.process_index(), n_proc)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, abstract_with_shardings(abstract, replicated))
-    if data_state is not None:
-      batches.set_state(data_state)
-    start = int(latest)
-    if is_main_process():
-      print(f"agcg: {stage.name}: resuming from step {start} of {stage.total_steps} "
-            f"({ckpt.directory})", flush=True)
-  else:
-    state = jax.jit(stage.init_fn, out_shardings=shardings)(key)
-    start = 0
-  log = MetricsLog(os.path.join(stage_dir, "metrics.jsonl"), start, is_main_process())
+  metrics_path = os.path.join(stage_dir, "metrics.jsonl")
+
+  def write_failed(e: OSError) -> UserError:
+    return ckpt_lib.WriteError(ckpt_lib.write_failure(
+        e.filename or metrics_path, e, ckpt.directory, ckpt.last_complete_step()))
+
+  try:
+    restored = ckpt.restore_newest(abstract_with_shardings(abstract, replicated))
+    if restored is not None:
+      state, data_state, start = restored
+      if data_state is not None:
+        batches.set_state(data_state)
+      start = int(start)
+      if is_main_process():
+        print(f"agcg: {stage.name}: resuming from step {start} of {stage.total_steps} "
+              f"({ckpt.directory})", flush=True)
+    else:
+      state = jax.jit(stage.init_fn, out_shardings=shardings)(key)
+      start = 0
+    log = MetricsLog(metrics_path, start, is_main_process())
+  except ckpt_lib.NetworksMismatch as e:
+    ckpt.close()
+    raise _mismatch(stage.name, ckpt.directory, e) from None
+  except OSError as e:
+    ckpt.close()
+    raise write_failed(e) from None
+  except BaseException:
+    ckpt.close()
+    raise
   jstep = jax.jit(stage.step_fn, donate_argnums=0, out_shardings=(shardings, replicated))
 
   status = "done"
@@ -205,7 +276,10 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
           row = {"step": step, **{k: float(v) for k, v in sorted(host.items())},
                  "images_per_s": stage.global_batch * (step - n_last) / max(now - t_last, 1e-9)}
           t_last, n_last = now, step
-          log.write(row)
+          try:
+            log.write(row)
+          except OSError as e:
+            raise write_failed(e) from None
           bar.set_postfix({k: f"{row[k]:.3g}" for k in list(row)[1:4]})
         stopping = stop.requested
         if jax.process_count() > 1:
@@ -245,11 +319,17 @@ def _check_trained_networks(config, workdir: str, stage: str) -> None:
                     f"({'; '.join(diffs)}): use the config it was trained with")
 
 
+def _mismatch(stage: str, directory: str, detail) -> UserError:
+  return UserError(f"the {stage} checkpoint in {directory} does not match the config's networks "
+                   f"({detail}): use the config it was trained with")
+
+
 def restore_params(workdir: str, stage: str, init_fn, mesh=None, config=None) -> tuple[dict, int]:
-  """The params of a stage's latest checkpoint, or a UserError saying to train it first.
+  """The params of a stage's newest readable checkpoint, or a UserError saying to train it first.
 
   With `config`, the networks recorded in the stage's config.json are checked
-  against it first.
+  against it first. A damaged newer checkpoint is reported in one line and
+  moved aside (checkpoint.py; $AGCG_STRICT_CHECKPOINTS=1 refuses instead).
   """
   mesh = mesh or sh.data_mesh()
   directory = os.path.join(workdir, stage, "checkpoints")
@@ -257,19 +337,18 @@ def restore_params(workdir: str, stage: str, init_fn, mesh=None, config=None) ->
     raise UserError(f"no {stage} checkpoint in {directory}: run `agcg train-{stage}` first")
   _check_trained_networks(config, workdir, stage)
   ckpt = Checkpointer(directory, keep=1000, asynchronous=False)
-  latest = ckpt.latest_step()
-  if latest is None:
-    raise UserError(f"no complete {stage} checkpoint in {directory}: run `agcg train-{stage}` first")
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   try:
-    state, _ = ckpt.restore(latest, abstract_with_shardings(abstract, sh.replicated(mesh)),
-                            with_data=False)
-  except ValueError as e:  # Orbax: the tree in the checkpoint is not the one asked for
-    raise UserError(f"the {stage} checkpoint in {directory} does not match the config's "
-                    "networks: use the config it was trained with") from e
+    restored = ckpt.restore_newest(abstract_with_shardings(abstract, sh.replicated(mesh)),
+                                   with_data=False)
+  except ckpt_lib.NetworksMismatch as e:
+    raise _mismatch(stage, directory, e) from None
   finally:
     ckpt.close()
-  return state.params, int(latest)
+  if restored is None:
+    raise UserError(f"no complete {stage} checkpoint in {directory}: run `agcg train-{stage}` first")
+  state, _, step = restored
+  return state.params, int(step)
 
 
 # ---------------------------------------------------------------- the stages

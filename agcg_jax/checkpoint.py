@@ -129,10 +129,27 @@ def _drop_loop_closed() -> None:
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    # After a failed read or write, Orbax's sibling reads of the same checkpoint
+    # end as never-awaited coroutines whose exceptions Python prints one by one
+    # (hundreds for a damaged step): echoes of the failure already reported.
+    if _aftermath_dropped and _unraisable_from_orbax(unraisable):
+      return
+    previous(unraisable)
   sys.unraisablehook = hook
+
+
+def _unraisable_from_orbax(unraisable) -> bool:
+  """Whether an unraisable exception was raised in Orbax or tensorstore code."""
+  tb = getattr(unraisable, "exc_traceback", None)
+  while tb is not None:
+    name = tb.tb_frame.f_code.co_filename
+    if f"{os.sep}orbax{os.sep}" in name or f"{os.sep}tensorstore{os.sep}" in name:
+      return True
+    tb = tb.tb_next
+  code = getattr(getattr(unraisable, "object", None), "cr_code", None)
+  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
 class _NeverRetrieved(logging.Filter):

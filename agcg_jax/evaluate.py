@@ -26,6 +26,7 @@ import numpy as np
 
 from agcg_jax import cam as cam_lib
 from agcg_jax import metrics as M
+from agcg_jax import progress as progress_lib
 from agcg_jax import ruler
 from agcg_jax import sharding as sh
 from agcg_jax import state as S
@@ -359,8 +360,8 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
   sums, seen, test_boxes = {}, 0, []
   batches = pipeline.eval_batches(source, batch_size=batch_size, shard_index=jax.process_index(),
                                   shard_count=jax.process_count())
-  from tqdm import tqdm
-  for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not (progress and train.is_main_process())):
+  for batch in progress_lib.bar(batches, desc="evaluate", unit="batch",
+                                disable=not (progress and train.is_main_process())):
     dev = sh.to_global(_device_batch(batch), mesh)
     s, figure = fn(cls_params, gan_params, ctr_params, prior, dev)
     s = jax.device_get(s)

@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from agcg_jax import config as config_lib
+from agcg_jax import progress as progress_lib
 from agcg_jax import sharding as sh
 from agcg_jax import state as S
 from agcg_jax import steps
@@ -256,8 +256,8 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
   jstep = jax.jit(stage.step_fn, donate_argnums=0, out_shardings=(shardings, replicated))
 
   status = "done"
-  bar = tqdm(total=stage.total_steps, initial=start, desc=stage.name, unit="step",
-             disable=not (progress and is_main_process()), dynamic_ncols=True)
+  bar = progress_lib.bar(total=stage.total_steps, initial=start, desc=stage.name, unit="step",
+                         disable=not (progress and is_main_process()))
   t_last, n_last = time.perf_counter(), start
   sync_every = max(1, min(stage.log_every, 10))
   try:
@@ -280,7 +280,7 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
             log.write(row)
           except OSError as e:
             raise write_failed(e) from None
-          bar.set_postfix({k: f"{row[k]:.3g}" for k in list(row)[1:4]})
+          bar.set_postfix({k: f"{row[k]:.3g}" for k in list(row)[1:4]}, refresh=False)
         stopping = stop.requested
         if jax.process_count() > 1:
           # Every process must take the same decision at the same step, or the

@@ -58,6 +58,9 @@ def test_demo_chain_writes_report_metrics_and_logs(tiny_run):
     rows = [json.loads(l) for l in open(os.path.join(workdir, stage, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == list(range(2, steps + 1, 2)), stage
   assert "report:" in proc.stdout
+  # Written to a file (not a terminal), progress is plain lines, not carriage-return floods.
+  assert "\r" not in proc.stderr
+  assert len((proc.stdout + proc.stderr).splitlines()) < 200
 
 
 @pytest.mark.slow

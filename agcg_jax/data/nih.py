@@ -46,8 +46,8 @@ import zlib
 import numpy as np
 from PIL import Image
 from PIL import PngImagePlugin
-import tqdm
 
+from agcg_jax import progress
 from agcg_jax.data import records
 from agcg_jax.errors import UserError
 
@@ -276,8 +276,7 @@ class _Converter:
     if not tasks:
       return []
     results = {}
-    with tqdm.tqdm(total=len(tasks), desc=desc, unit="img", file=sys.stderr,
-                   dynamic_ncols=True) as bar:
+    with progress.bar(total=len(tasks), desc=desc, unit="img", file=sys.stderr) as bar:
       if self._workers > 1 and len(tasks) > 1:
         try:
           if self._pool is None:
@@ -917,6 +916,8 @@ def prepare_nih(data_dir: str, out_dir: str, *, size: int = 256,
       # Other images than last time (a download grew, or files changed).
       shutil.rmtree(version_dir)
   start = time.perf_counter()
+  if not progress.interactive():
+    tfds.disable_progress_bar()  # TFDS's bars are carriage-return floods in a log file
   builder.download_and_prepare(
       download_dir=os.path.join(out_dir, "downloads"),
       download_config=tfds.download.DownloadConfig(manual_dir=data_dir))

@@ -25,6 +25,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from agcg_jax import progress
 from agcg_jax.data import phantoms
 from agcg_jax.data import records
 from agcg_jax.errors import UserError
@@ -163,5 +164,7 @@ def prepare_phantoms(data_dir: str, *, size: int = 64, num_train: int = 2000,
   registered = {c.name for c in PhantomChestXray.BUILDER_CONFIGS}
   builder = PhantomChestXray(
       config=cfg.name if cfg.name in registered else cfg, data_dir=data_dir)
+  if not progress.interactive():
+    tfds.disable_progress_bar()  # TFDS's bars are carriage-return floods in a log file
   builder.download_and_prepare(file_format="array_record")
   return os.fspath(builder.data_dir)

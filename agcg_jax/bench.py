@@ -1,10 +1,10 @@
 """`agcg bench`: images/s of the AG-CycleGAN training step, compile time separately.
 
-Random images, the real networks, losses, optimisers and sharded jitted step
-(the same code path as training). Images/s counts both domains, like
+Random images through exactly the training code: the stage `train.gan_stage`
+builds and the jitted step `train.compile_stage` compiles (real networks,
+losses, optimisers, sharding, donation). Images/s counts both domains, like
 ../shared/peers/torch_agcg.py, so the two are comparable.
 """
-import functools
 import json
 import time
 
@@ -12,8 +12,7 @@ import jax
 import numpy as np
 
 from agcg_jax import sharding as sh
-from agcg_jax import state as S
-from agcg_jax import steps
+from agcg_jax import train
 from agcg_jax.data.records import CLASS_KEYS
 
 
@@ -22,29 +21,27 @@ def bench_gan_step(config, *, size: int, batch_per_device: int, dtype: str, step
   config = config.copy_and_resolve_references()
   config.model.dtype = dtype
   config.data.image_size = size
+  config.gan.batch_per_device = batch_per_device
+  config.gan.global_batch = 0
   mesh = sh.data_mesh()
   n_dev = mesh.devices.size
-  global_batch = batch_per_device * n_dev
-  models = S.gan_models(config.model)
-  init_fn = S.make_init_fn(models, S.gan_txs(config.gan), (size, size, 1))
-  rep = sh.replicated(mesh)
-  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-  state = jax.jit(init_fn, out_shardings=jax.tree.map(lambda _: rep, abstract))(jax.random.PRNGKey(0))
-  step = jax.jit(functools.partial(steps.gan_train_step, models=models, cfg=config.gan),
-                 donate_argnums=0, out_shardings=(jax.tree.map(lambda _: rep, abstract), rep))
+  stage = train.gan_stage(config, None, mesh)
+  global_batch = stage.global_batch
+  compiled = train.compile_stage(stage, mesh)
+  state = compiled.init(compiled.key)
   rng = np.random.default_rng(0)
   local = global_batch // jax.process_count()
   batches = [sh.to_global({k: rng.uniform(-1, 1, (local, size, size, 1)).astype(np.float32)
                            for k in CLASS_KEYS}, mesh) for _ in range(2)]
   t0 = time.perf_counter()
-  compiled = step.lower(state, batches[0]).compile()
+  step = compiled.step.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - t0
   for i in range(warmup):
-    state, m = compiled(state, batches[i % 2])
+    state, m = step(state, batches[i % 2])
   jax.block_until_ready(m)
   t0 = time.perf_counter()
   for i in range(steps_n):
-    state, m = compiled(state, batches[i % 2])
+    state, m = step(state, batches[i % 2])
   m = jax.device_get(m)
   dt = time.perf_counter() - t0
   dev = jax.devices()[0]
@@ -61,12 +58,13 @@ def bench_gan_step(config, *, size: int, batch_per_device: int, dtype: str, step
   }
 
 
-def main(config, args) -> list[dict]:
+def main(config, *, size: int, batches, dtypes, steps_n: int = 20, warmup: int = 3) -> list[dict]:
+  """One JSON row per (dtype, per-device batch), printed as it is measured."""
   rows = []
-  for dtype in args.dtype:
-    for b in args.batch:
-      row = bench_gan_step(config, size=args.size, batch_per_device=b, dtype=dtype,
-                           steps_n=args.steps, warmup=args.warmup)
+  for dtype in dtypes:
+    for b in batches:
+      row = bench_gan_step(config, size=size, batch_per_device=b, dtype=dtype,
+                           steps_n=steps_n, warmup=warmup)
       print(json.dumps(row), flush=True)
       rows.append(row)
   return rows

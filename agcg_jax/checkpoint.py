@@ -45,6 +45,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from agcg_jax import sharding as sh
+from agcg_jax import workdir as wd
 from agcg_jax.errors import UserError
 
 STRICT_ENV = "AGCG_STRICT_CHECKPOINTS"
@@ -440,3 +442,36 @@ def abstract_with_shardings(abstract_state, sharding) -> Any:
   """jax.ShapeDtypeStruct leaves carrying `sharding`, the target for a sharded restore."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
+
+
+def mismatch(stage: str, directory: str, detail) -> UserError:
+  """The one-line error for a checkpoint whose networks are not the config's."""
+  return UserError(f"the {stage} checkpoint in {directory} does not match the config's networks "
+                   f"({detail}): use the config it was trained with")
+
+
+def restore_params(workdir: str, stage: str, init_fn, mesh=None, config=None) -> tuple[dict, int]:
+  """The params of a stage's newest readable checkpoint, or a UserError saying to train it first.
+
+  With `config`, the networks recorded in the stage's config.json are checked
+  against it first. A damaged newer checkpoint is reported in one line and
+  moved aside ($AGCG_STRICT_CHECKPOINTS=1 refuses instead).
+  """
+  mesh = mesh or sh.data_mesh()
+  directory = wd.checkpoints_dir(workdir, stage)
+  if not os.path.isdir(directory):
+    raise UserError(f"no {stage} checkpoint in {directory}: run `agcg train-{stage}` first")
+  wd.check_trained_networks(config, workdir, stage)
+  ckpt = Checkpointer(directory, keep=1000, asynchronous=False)
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  try:
+    restored = ckpt.restore_newest(abstract_with_shardings(abstract, sh.replicated(mesh)),
+                                   with_data=False)
+  except NetworksMismatch as e:
+    raise mismatch(stage, directory, e) from None
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise UserError(f"no complete {stage} checkpoint in {directory}: run `agcg train-{stage}` first")
+  state, _, step = restored
+  return state.params, int(step)

@@ -1,18 +1,22 @@
-"""`agcg`: one command-line tool for the whole job. Argument parsing only.
+"""`agcg`: one command-line tool for the whole job: argument parsing and the dispatch
+table (what each command does is in commands.py).
 
     agcg demo --config configs/demo.py --workdir runs/demo
+    agcg prepare --config configs/paper.py --workdir runs/paper --config.data.nih.source=$NIH
     agcg train-gan --config configs/paper.py --workdir runs/nih --config.gan.steps=20000
 
 Config overrides are `--config.SECTION.KEY=VALUE` (typed as the field).
 """
 import argparse
+import os
 import sys
 
 from agcg_jax.errors import UserError
 
 COMMANDS = {
-    "prepare-phantoms": "generate the phantom chest X-ray dataset (TFDS array_record) into the data dir",
-    "prepare-nih": "prepare the NIH ChestX-ray14 cohort (Cardiomegaly vs No Finding) from a download",
+    "prepare": "prepare the dataset the config describes (data.kind: phantoms, nih) into data.dir",
+    "prepare-phantoms": "the same as `prepare` for data.kind=phantoms (kept for old scripts)",
+    "prepare-nih": "prepare an NIH ChestX-ray14 cohort from flags (`prepare` with data.nih does the same)",
     "train-classifier": "train the CNN classifier (resumes from the workdir's checkpoints)",
     "train-ctr": "train the CTR regressor that measures translated hearts (phantoms)",
     "train-gan": "train the AG-CycleGAN: all six networks in one compiled step (resumes)",
@@ -38,8 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser(name, help=text, description=text,
                        epilog="Config overrides: --config.SECTION.KEY=VALUE")
     if name == "prepare-nih":
-      from agcg_jax.data import nih
-      nih.add_prepare_nih_arguments(s)
+      _add_prepare_nih_arguments(s)
       continue
     s.add_argument("--config", default=None if name == "bench" else "configs/demo.py",
                    help="Python config file with get_config(), optionally FILE:VARIANT "
@@ -59,11 +62,106 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _add_prepare_nih_arguments(parser: argparse.ArgumentParser) -> None:
+  """`agcg prepare-nih`: the NIH cohort options as flags (the config's data.nih holds the same)."""
+  parser.add_argument("--data-dir", required=True,
+                      help="the NIH ChestX-ray14 download: the label file "
+                      "beside images/ (NIH) or images_001/images/ ... "
+                      "(Kaggle); a partial download is fine")
+  parser.add_argument("--out", required=True,
+                      help="output folder: cache/, the TFDS dataset, "
+                      "cohort.json")
+  parser.add_argument("--size", type=int, default=256,
+                      help="stored image side in pixels (default 256)")
+  parser.add_argument("--views", choices=("both", "PA", "AP"), default="both",
+                      help="view positions to keep (default both)")
+  parser.add_argument("--split", choices=("patient", "paper", "official"), default="patient",
+                      help="patient: patient-disjoint 80/20 (default); "
+                      "paper: 80/20 by image, the paper's Table 1; "
+                      "official: NIH's train_val_list.txt / test_list.txt")
+  parser.add_argument("--balance", choices=("undersample", "none"),
+                      default="undersample",
+                      help="undersample: cut the larger training class to "
+                      "the smaller's count (the paper's adjusted set, "
+                      "default); none: keep all, record class weights")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seed of the split and the undersampling")
+  parser.add_argument("--strict", action="store_true",
+                      help="fail on missing or unreadable images instead of "
+                      "skipping them")
+  parser.add_argument("--workers", type=int, default=None,
+                      help="conversion processes (default: every core)")
+
+
 def _load(args, overrides):
   from agcg_jax import config as config_lib
-  from agcg_jax.defaults import base
-  cfg = config_lib.load_config(args.config) if args.config else base()
+  cfg = config_lib.load_config(args.config) if args.config else config_lib.base()
   return config_lib.apply_overrides(cfg, overrides)
+
+
+def _prepare_phantoms(config, workdir, args):
+  from agcg_jax import commands
+  if config.data.kind != "phantoms":
+    raise UserError(f"prepare-phantoms: data.kind is {config.data.kind!r}; use `agcg prepare` "
+                    "(it prepares any kind) or --config.data.kind=phantoms")
+  print(f"agcg: phantom dataset ready in {commands.prepare(config, workdir)}")
+  return 0
+
+
+def _prepare(config, workdir, args):
+  from agcg_jax import commands
+  print(f"agcg: dataset ready in {commands.prepare(config, workdir)}")
+  return 0
+
+
+def _bench(config, workdir, args):
+  from agcg_jax import bench
+  rows = bench.main(config, size=args.size, batches=args.batch, dtypes=args.dtype,
+                    steps_n=args.steps, warmup=args.warmup)
+  if args.out:
+    import json
+    with open(args.out, "a") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+  return 0
+
+
+def _train(stage):
+  def run_stage(config, workdir, args):
+    from agcg_jax import commands
+    return commands.train_stage(stage, config, workdir)
+  return run_stage
+
+
+def _evaluate(config, workdir, args):
+  from agcg_jax import commands
+  return commands.evaluate(config, workdir)
+
+
+def _explain(config, workdir, args):
+  from agcg_jax import commands
+  print(f"agcg: report written to {commands.explain(config, workdir, args.image)}")
+  return 0
+
+
+def _demo(config, workdir, args):
+  from agcg_jax import commands
+  return commands.demo(config, workdir)
+
+
+# Command -> fn(config, workdir, args) -> exit status. Imports are deferred so
+# that `agcg --help` and argument errors stay instant.
+DISPATCH = {
+    "prepare": _prepare,
+    "prepare-phantoms": _prepare_phantoms,
+    "train-classifier": _train("classifier"),
+    "train-ctr": _train("ctr"),
+    "train-gan": _train("gan"),
+    "evaluate": _evaluate,
+    "explain": _explain,
+    "demo": _demo,
+    "bench": _bench,
+}
 
 
 def run(argv=None) -> int:
@@ -75,26 +173,22 @@ def run(argv=None) -> int:
   from agcg_jax import distributed
   if args.distributed or distributed.requested():
     distributed.initialize()
+  from agcg_jax import commands
   if args.command == "prepare-nih":
-    from agcg_jax.data import nih
     if rest:
       raise UserError("prepare-nih takes its options as flags, not --config overrides: "
-                      + " ".join(rest))
-    nih.run_prepare_nih(args)
+                      + " ".join(rest) + " (or use `agcg prepare --config ...` with data.nih)")
+    commands.prepare_nih(args.data_dir, args.out, size=args.size, views=args.views,
+                         split=args.split, balance=args.balance, seed=args.seed,
+                         strict=args.strict, workers=args.workers)
     return 0
   config = _load(args, rest)
-  from agcg_jax import pipeline_runs
-  if args.command == "bench":
-    from agcg_jax import bench
-    rows = bench.main(config, args)
-    if args.out:
-      import json
-      with open(args.out, "a") as f:
-        for row in rows:
-          f.write(json.dumps(row) + "\n")
-    return 0
-  return pipeline_runs.run_command(args.command, config, args.workdir,
-                                   images=getattr(args, "image", []))
+
+  def dispatch():
+    if args.workdir is not None:
+      os.makedirs(args.workdir, exist_ok=True)
+    return DISPATCH[args.command](config, args.workdir, args)
+  return commands.guard_writes(args.command, args.workdir, dispatch)
 
 
 def main(argv=None) -> None:

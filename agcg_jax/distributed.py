@@ -18,6 +18,11 @@ from agcg_jax.errors import UserError
 _started = False
 
 
+def is_main_process() -> bool:
+  """Process 0 writes the run's shared files (logs, records, metrics, figures)."""
+  return jax.process_index() == 0
+
+
 def requested() -> bool:
   return os.environ.get("AGCG_DISTRIBUTED", "0").lower() in ("1", "true", "yes")
 

@@ -18,23 +18,26 @@ figures show, come to the host. Host memory stays flat as the test set grows.
 """
 import datetime
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from agcg_jax import cam as cam_lib
+from agcg_jax import checkpoint as ckpt_lib
+from agcg_jax import files
 from agcg_jax import metrics as M
 from agcg_jax import progress as progress_lib
 from agcg_jax import ruler
 from agcg_jax import sharding as sh
 from agcg_jax import state as S
-from agcg_jax import train
+from agcg_jax import workdir as wd
 from agcg_jax.data import pipeline
-from agcg_jax.data.records import CLASS_KEYS, CLASS_NAMES, NUM_CLASSES, to_float
+from agcg_jax.data.records import (CLASS_KEYS, CLASS_NAMES, DIRECTIONS, NUM_CLASSES, direction_of,
+                                   to_float)
+from agcg_jax.distributed import is_main_process
 from agcg_jax.errors import UserError
-from agcg_jax.examples import DIRECTIONS, ExampleMaps, direction_of
+from agcg_jax.examples import ExampleMaps
 from agcg_jax.models.discriminator import trunk_geometry
 from agcg_jax.steps import translate
 
@@ -338,20 +341,20 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
   cam_kind = config.eval.cam
   if cam_kind not in cam_lib.CAM_KINDS:
     raise UserError(f"eval.cam={cam_kind!r}: use one of {', '.join(cam_lib.CAM_KINDS)}")
-  cls_params, cls_step = train.restore_params(workdir, "classifier", S.classifier_init_fn(config), mesh,
+  cls_params, cls_step = ckpt_lib.restore_params(workdir, "classifier", S.classifier_init_fn(config), mesh,
                                               config)
   cls_params = cls_params["classifier"]
-  gan_params, gan_step = train.restore_params(workdir, "gan", S.gan_init_fn(config), mesh, config)
+  gan_params, gan_step = ckpt_lib.restore_params(workdir, "gan", S.gan_init_fn(config), mesh, config)
   ctr_params = ctr_model = None
   if config.data.kind == "phantoms":
-    ctr_params, _ = train.restore_params(workdir, "ctr", S.ctr_init_fn(config), mesh, config)
+    ctr_params, _ = ckpt_lib.restore_params(workdir, "ctr", S.ctr_init_fn(config), mesh, config)
     ctr_params = ctr_params["ctr"]
     ctr_model = S.ctr_model(config)
   fn = jax.jit(_eval_fn(S.classifier_model(config), S.gan_models(config.model), ctr_model,
                         size=size, geometry=trunk_geometry(config.model.cls_layers),
                         cam_kind=cam_kind, threshold_grey=config.eval.truth_threshold_grey))
-  ddir = train.data_dir(config, workdir)
-  train.check_image_size(config, ddir)
+  ddir = wd.dataset_dir(config, workdir)
+  wd.check_image_size(config, ddir)
   n_local = len(jax.local_devices())
   batch_size = -(-config.eval.batch_size // n_local) * n_local
   prior, train_boxes = _training_priors(ddir, size, config.eval.truth_threshold_grey, batch_size)
@@ -361,7 +364,7 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
   batches = pipeline.eval_batches(source, batch_size=batch_size, shard_index=jax.process_index(),
                                   shard_count=jax.process_count())
   for batch in progress_lib.bar(batches, desc="evaluate", unit="batch",
-                                disable=not (progress and train.is_main_process())):
+                                disable=not (progress and is_main_process())):
     dev = sh.to_global(_device_batch(batch), mesh)
     s, figure = fn(cls_params, gan_params, ctr_params, prior, dev)
     s = jax.device_get(s)
@@ -392,10 +395,7 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
       "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}",
       "config": json.loads(json.dumps(config.to_dict(), default=list)),
   })
-  if train.is_main_process():
-    examples.result().save(os.path.join(workdir, "eval", "examples.npz"))
-    tmp = os.path.join(workdir, "metrics.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(metrics, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "metrics.json"))
+  if is_main_process():
+    examples.result().save(wd.examples_npz(workdir))
+    files.write_json(wd.metrics_json(workdir), metrics)
   return metrics

@@ -12,15 +12,8 @@ import os
 
 import numpy as np
 
-from agcg_jax.data.records import CLASS_KEYS
-
-# Translation direction of a source image of class c: into the other class.
-DIRECTIONS = tuple(f"to_{k}" for k in CLASS_KEYS)
-
-
-def direction_of(label: int) -> str:
-  """The direction a source image of class `label` is translated in."""
-  return DIRECTIONS[1 - int(label)]
+from agcg_jax import files
+from agcg_jax.data.records import DIRECTIONS
 
 
 _MAPS = ("real", "attention", "generated", "fake", "cam")
@@ -136,11 +129,8 @@ class ExampleMaps:
       if getattr(self, k) is not None:
         arrays[k] = getattr(self, k)
     arrays["cam_kind"] = np.asarray(self.cam_kind)
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with files.atomic_path(path, suffix=".npz") as tmp:
+      np.savez(tmp, **arrays)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "ExampleMaps":

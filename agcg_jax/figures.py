@@ -12,11 +12,8 @@ import numpy as np
 from matplotlib import colormaps, colors, ticker
 from matplotlib.figure import Figure
 
-from agcg_jax.data.records import CLASS_NAMES
-from agcg_jax.examples import DIRECTIONS, ExampleMaps
-
-# Translation direction -> (source class, target class), as names.
-DIRECTION_NAMES = {d: (CLASS_NAMES[1 - i], CLASS_NAMES[i]) for i, d in enumerate(DIRECTIONS)}
+from agcg_jax.data.records import CLASS_NAMES, DIRECTION_NAMES  # noqa: F401  (re-exported)
+from agcg_jax.examples import ExampleMaps
 SHORT_NAMES = {0: "NF", 1: "CM"}  # row labels are narrow
 # The four blocks of paper Fig. 5, in its order: (true class, predicted class).
 CAM_CELLS = ((1, 1), (1, 0), (0, 1), (0, 0))

@@ -21,9 +21,9 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from agcg_jax import figures
+from agcg_jax import files
+from agcg_jax import workdir as wd
 from agcg_jax.data.records import CLASS_KEYS, CLASS_NAMES
-from agcg_jax.errors import UserError
-from agcg_jax.examples import ExampleMaps
 from agcg_jax.figures import DIRECTION_NAMES, is_number
 
 _MAP_NAMES = {"attention": "Attention", "cam": "Decision map", "diff": "|fake − real|",
@@ -242,72 +242,6 @@ CAM_KIND_NOTES = {
     "equ9": ("This run shows and scores the paper's literal Equ. 9 map of the predicted "
              "class (cam_kind = equ9); read it with the caveat below."),
 }
-
-
-# ------------------------------------------------------------------- loading
-
-
-def load_metrics(workdir: str | os.PathLike) -> dict[str, Any]:
-  """The evaluation metrics of a run: `<workdir>/metrics.json` as a dict.
-
-  Raises:
-    UserError: the file is missing or is not a JSON object.
-  """
-  path = os.path.join(workdir, "metrics.json")
-  if not os.path.isfile(path):
-    raise UserError(f"{path} not found: run `agcg evaluate` first")
-  try:
-    with open(path) as f:
-      metrics = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path} is unreadable ({e}): run `agcg evaluate` again") from e
-  if not isinstance(metrics, dict):
-    raise UserError(f"{path} is not a JSON object: run `agcg evaluate` again")
-  return metrics
-
-
-def examples_path(workdir: str | os.PathLike) -> str:
-  return os.path.join(workdir, "eval", "examples.npz")
-
-
-def load_examples(workdir: str | os.PathLike) -> ExampleMaps:
-  """The example cases of a run: `<workdir>/eval/examples.npz` (no pickles loaded).
-
-  Raises:
-    UserError: the file is missing or is not an examples file; the message names it.
-  """
-  path = examples_path(workdir)
-  if not os.path.isfile(path):
-    raise UserError(f"{path} not found: run `agcg evaluate` first")
-  try:
-    return ExampleMaps.load(path)
-  except (OSError, ValueError, KeyError) as e:
-    message = " ".join(str(e).split())
-    raise UserError(f"{path} is unreadable ({message}): run `agcg evaluate` again") from e
-
-
-def load_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Rows of a metrics.jsonl file; lines that do not parse (cut short by a kill) are skipped."""
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except ValueError:
-        continue
-      if isinstance(row, dict):
-        rows.append(row)
-  return rows
-
-
-def load_training_logs(workdir: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
-  """Stage name -> rows of `<workdir>/<stage>/metrics.jsonl`, for the stages that have one."""
-  logs = {}
-  for stage in figures.TRAINING_STAGES:
-    path = os.path.join(workdir, stage, "metrics.jsonl")
-    if os.path.isfile(path):
-      logs[stage] = load_jsonl(path)
-  return logs
 
 
 # ------------------------------------------------------------ text and HTML
@@ -562,9 +496,9 @@ def write_report(workdir: str | os.PathLike) -> str:
       evaluate` first) or unreadable.
   """
   workdir = os.fspath(workdir)
-  metrics = load_metrics(workdir)
-  examples = load_examples(workdir)
-  figures_dir = os.path.join(workdir, "figures")
+  metrics = wd.load_metrics(workdir)
+  examples = wd.load_examples(workdir)
+  figures_dir = wd.figures_dir(workdir)
   os.makedirs(figures_dir, exist_ok=True)
 
   def draw(name: str, make) -> str | None:
@@ -575,7 +509,7 @@ def write_report(workdir: str | os.PathLike) -> str:
                          lambda p, d=d: figures.figure_translation(examples, d, p, cases=6))
                  for d in DIRECTION_NAMES}
   cam = draw("cam.png", lambda p: figures.figure_cam(examples, p))
-  logs = load_training_logs(workdir)
+  logs = wd.load_training_logs(workdir)
   curves = draw("training_curves.png", lambda p: figures.figure_training_curves(logs, p))
 
   esc = html.escape
@@ -650,9 +584,6 @@ def write_report(workdir: str | os.PathLike) -> str:
           f"<title>{esc(f'AG-CycleGAN report: {dataset}, {date}')}</title>"
           f"<style>{_CSS}</style></head><body>\n" + "\n".join(sections) +
           "\n</body></html>\n")
-  out = os.path.join(workdir, "report.html")
-  tmp = out + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(page)
-  os.replace(tmp, out)
+  out = wd.report_html(workdir)
+  files.write_text(out, page)
   return out

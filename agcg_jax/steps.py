@@ -12,13 +12,8 @@ import jax.numpy as jnp
 import optax
 
 from agcg_jax import losses
-from agcg_jax.data.records import CLASS_KEYS
+from agcg_jax.data.records import CLASS_KEYS, other
 from agcg_jax.state import ATT, DIS, GEN, TrainState
-
-
-def other(domain: str) -> str:
-  a, b = CLASS_KEYS
-  return b if domain == a else a
 
 
 def translate(models: Mapping[str, nn.Module], params, target: str, src: jnp.ndarray):

@@ -35,11 +35,10 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from agcg_jax import config as config_lib
+from agcg_jax import workdir as wd
 from agcg_jax import progress as progress_lib
 from agcg_jax import sharding as sh
 from agcg_jax import state as S
@@ -48,68 +47,24 @@ from agcg_jax import checkpoint as ckpt_lib
 from agcg_jax.checkpoint import Checkpointer, abstract_with_shardings
 from agcg_jax.data import pipeline
 from agcg_jax.data.records import NUM_CLASSES
+from agcg_jax.distributed import is_main_process
 from agcg_jax.errors import UserError
-
-# Config sections that define each stage's training; a workdir trained with
-# other values for these refuses to resume.
-STAGE_SECTIONS = {
-    "classifier": ("seed", "data", "classifier"),
-    "gan": ("seed", "data", "gan"),
-    "ctr": ("seed", "data", "ctr"),
-}
-MODEL_FIELDS = {
-    "classifier": ("dtype", "cls_width", "cls_layers"),
-    "gan": ("dtype", "padding", "gen_width", "gen_down", "gen_res", "gen_upsample",
-            "att_width", "att_dilations", "dis_width", "dis_layers", "dis_sigmoid"),
-    "ctr": ("dtype",),  # its widths live in config.ctr (recorded with that section)
-}
-# Fields of a stage's own section that may differ from its record: they change
-# how long the run is, or how often it logs and saves, never what it learns
-# up to the steps already trained. `steps` may only grow.
-RESUMABLE_FIELDS = ("steps", "log_every", "ckpt_every", "keep")
-
 
 class NonFiniteLoss(UserError):
   """Training produced a non-finite loss or gradient norm."""
 
 
-def is_main_process() -> bool:
-  return jax.process_index() == 0
-
-
-def data_dir(config, workdir: str) -> str:
-  return config.data.dir or os.path.join(workdir, "data")
-
-
-def _may_change(stage: str):
-  def allowed(key, recorded, current) -> bool:
-    section, _, field = key.partition(".")
-    if section != stage or field not in RESUMABLE_FIELDS:
-      return False
-    if field == "steps":
-      return isinstance(recorded, int) and isinstance(current, int) and current > recorded
-    return True
-  return allowed
-
-
 def _record_stage_config(config, workdir: str, stage: str) -> None:
-  """Records the stage's config in <workdir>/<stage>/config.json, or checks the run's record.
-
-  A larger `<stage>.steps` (or other RESUMABLE_FIELDS) updates the record:
-  the run is continued to the new total (module docstring).
-  """
-  sections = dict(config_lib.section_dict(config, STAGE_SECTIONS[stage]))
-  sections["model"] = {k: config.model[k] for k in MODEL_FIELDS[stage]}
-  path = os.path.join(workdir, stage, "config.json")
-  cfg = ml_collections.ConfigDict(sections)
+  """Records or checks <workdir>/<stage>/config.json (workdir.py); a failed write is one line."""
   if not is_main_process():
     return
   try:
-    changed = config_lib.check_or_record(cfg, list(sections), path, may_change=_may_change(stage))
+    changed = wd.record_stage_config(config, workdir, stage)
   except OSError as e:
-    last = ckpt_lib.last_step_on_disk(os.path.join(workdir, stage, "checkpoints"))
+    ckpt_dir = wd.checkpoints_dir(workdir, stage)
     raise ckpt_lib.WriteError(ckpt_lib.write_failure(
-        e.filename or path, e, os.path.join(workdir, stage, "checkpoints"), last)) from None
+        e.filename or wd.stage_config(workdir, stage), e, ckpt_dir,
+        ckpt_lib.last_step_on_disk(ckpt_dir))) from None
   if changed:
     print(f"agcg: {stage}: the run's config.json updated ({'; '.join(changed)})", flush=True)
 
@@ -205,6 +160,33 @@ def _check_finite(metrics: dict, step: int, stage: str) -> None:
                         "or use model.dtype=float32")
 
 
+@dataclasses.dataclass
+class Compiled:
+  """A stage's jitted functions and the state's layout: what training and `agcg bench` run."""
+  key: jax.Array               # the stage's init key
+  abstract: Any                # the state's structure (ShapeDtypeStructs), computed shape-first
+  shardings: Any               # the state's shardings (replicated: data parallel)
+  init: Callable               # key -> state, materialised directly with `shardings`
+  step: Callable               # (state, global batch) -> (state, metrics); the state is donated
+
+
+def compile_stage(stage: Stage, mesh) -> Compiled:
+  """Jits a stage's init and step for `mesh`: the one place both are compiled."""
+  replicated = sh.replicated(mesh)
+  key = jax.random.PRNGKey(stage.seed)
+  abstract = jax.eval_shape(stage.init_fn, key)
+  shardings = jax.tree.map(lambda _: replicated, abstract)
+  return Compiled(
+      key=key, abstract=abstract, shardings=shardings,
+      init=jax.jit(stage.init_fn, out_shardings=shardings),
+      step=jax.jit(stage.step_fn, donate_argnums=0, out_shardings=(shardings, replicated)))
+
+
+def itstime(step: int, every: int, last: bool = False) -> bool:
+  """Whether a periodic action (log, checkpoint, sync) happens after `step`: every `every` steps and at the last."""
+  return last or (every > 0 and step % every == 0)
+
+
 def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> tuple[S.TrainState, str]:
   """Trains `stage` to total_steps, resuming from <workdir>/<name>/checkpoints.
 
@@ -212,26 +194,23 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
   checkpoint was saved first).
   """
   mesh = mesh or sh.data_mesh()
-  stage_dir = os.path.join(workdir, stage.name)
-  ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), stage.keep)
+  ckpt = Checkpointer(wd.checkpoints_dir(workdir, stage.name), stage.keep)
   replicated = sh.replicated(mesh)
-  key = jax.random.PRNGKey(stage.seed)
   # Shape-first: the state's structure without computing it, then a jitted
   # init that materialises it directly with the replicated sharding.
-  abstract = jax.eval_shape(stage.init_fn, key)
-  shardings = jax.tree.map(lambda _: replicated, abstract)
+  compiled = compile_stage(stage, mesh)
 
   n_proc = jax.process_count()
   per_process = stage.global_batch // n_proc
   batches = stage.make_batches(per_process, jax.process_index(), n_proc)
-  metrics_path = os.path.join(stage_dir, "metrics.jsonl")
+  metrics_path = wd.training_log(workdir, stage.name)
 
   def write_failed(e: OSError) -> UserError:
     return ckpt_lib.WriteError(ckpt_lib.write_failure(
         e.filename or metrics_path, e, ckpt.directory, ckpt.last_complete_step()))
 
   try:
-    restored = ckpt.restore_newest(abstract_with_shardings(abstract, replicated))
+    restored = ckpt.restore_newest(abstract_with_shardings(compiled.abstract, replicated))
     if restored is not None:
       state, data_state, start = restored
       if data_state is not None:
@@ -241,19 +220,19 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
         print(f"agcg: {stage.name}: resuming from step {start} of {stage.total_steps} "
               f"({ckpt.directory})", flush=True)
     else:
-      state = jax.jit(stage.init_fn, out_shardings=shardings)(key)
+      state = compiled.init(compiled.key)
       start = 0
     log = MetricsLog(metrics_path, start, is_main_process())
   except ckpt_lib.NetworksMismatch as e:
     ckpt.close()
-    raise _mismatch(stage.name, ckpt.directory, e) from None
+    raise ckpt_lib.mismatch(stage.name, ckpt.directory, e) from None
   except OSError as e:
     ckpt.close()
     raise write_failed(e) from None
   except BaseException:
     ckpt.close()
     raise
-  jstep = jax.jit(stage.step_fn, donate_argnums=0, out_shardings=(shardings, replicated))
+  jstep = compiled.step
 
   status = "done"
   bar = progress_lib.bar(total=stage.total_steps, initial=start, desc=stage.name, unit="step",
@@ -269,7 +248,7 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
         step += 1
         bar.update(1)
         last = step == stage.total_steps
-        if step % stage.log_every == 0 or last:
+        if itstime(step, stage.log_every, last):
           host = jax.device_get(metrics)
           _check_finite(host, step, stage.name)
           now = time.perf_counter()
@@ -286,9 +265,9 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
           # Every process must take the same decision at the same step, or the
           # collective save hangs: all of them compare flags every few steps.
           stopping = False
-          if step % sync_every == 0 or last:
+          if itstime(step, sync_every, last):
             stopping = bool(multihost_utils.process_allgather(np.array(stop.requested)).any())
-        if step % stage.ckpt_every == 0 or last or stopping:
+        if itstime(step, stage.ckpt_every, last) or stopping:
           ckpt.save(step, state, batches.get_state())
         if stopping:
           status = "stopped"
@@ -301,71 +280,20 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
   return state, status
 
 
-def _check_trained_networks(config, workdir: str, stage: str) -> None:
-  """The networks in a workdir must be those the config describes, or restoring fails deep in Orbax."""
-  path = os.path.join(workdir, stage, "config.json")
-  if config is None or not os.path.exists(path):
-    return
-  try:
-    with open(path) as f:
-      recorded = json.load(f).get("model", {})
-  except (OSError, json.JSONDecodeError):
-    return
-  current = json.loads(json.dumps({k: config.model[k] for k in MODEL_FIELDS[stage]}, default=list))
-  diffs = [f"model.{k}={recorded[k]!r} there, {current[k]!r} here"
-           for k in current if k in recorded and recorded[k] != current[k]]
-  if diffs:
-    raise UserError(f"the {stage} in {os.path.join(workdir, stage)} was trained with other networks "
-                    f"({'; '.join(diffs)}): use the config it was trained with")
-
-
-def _mismatch(stage: str, directory: str, detail) -> UserError:
-  return UserError(f"the {stage} checkpoint in {directory} does not match the config's networks "
-                   f"({detail}): use the config it was trained with")
-
-
-def restore_params(workdir: str, stage: str, init_fn, mesh=None, config=None) -> tuple[dict, int]:
-  """The params of a stage's newest readable checkpoint, or a UserError saying to train it first.
-
-  With `config`, the networks recorded in the stage's config.json are checked
-  against it first. A damaged newer checkpoint is reported in one line and
-  moved aside (checkpoint.py; $AGCG_STRICT_CHECKPOINTS=1 refuses instead).
-  """
-  mesh = mesh or sh.data_mesh()
-  directory = os.path.join(workdir, stage, "checkpoints")
-  if not os.path.isdir(directory):
-    raise UserError(f"no {stage} checkpoint in {directory}: run `agcg train-{stage}` first")
-  _check_trained_networks(config, workdir, stage)
-  ckpt = Checkpointer(directory, keep=1000, asynchronous=False)
-  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-  try:
-    restored = ckpt.restore_newest(abstract_with_shardings(abstract, sh.replicated(mesh)),
-                                   with_data=False)
-  except ckpt_lib.NetworksMismatch as e:
-    raise _mismatch(stage, directory, e) from None
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise UserError(f"no complete {stage} checkpoint in {directory}: run `agcg train-{stage}` first")
-  state, _, step = restored
-  return state.params, int(step)
-
-
 # ---------------------------------------------------------------- the stages
 
 
-def check_image_size(config, ddir: str) -> None:
-  info = pipeline.dataset_info(ddir)
-  size = info.get("image_size")
-  if size is not None and int(size) != int(config.data.image_size):
-    raise UserError(f"dataset in {ddir} holds {size}x{size} images but data.image_size="
-                    f"{config.data.image_size}; set --config.data.image_size={size} or prepare again")
+def _train_source(config, workdir: str | None):
+  """The training split of the config's dataset; None without a workdir (`agcg bench` feeds its own)."""
+  if workdir is None:
+    return None
+  ddir = wd.dataset_dir(config, workdir)
+  wd.check_image_size(config, ddir)
+  return pipeline.open_source(ddir, "train")
 
 
-def classifier_stage(config, workdir: str, mesh) -> Stage:
-  ddir = data_dir(config, workdir)
-  check_image_size(config, ddir)
-  source = pipeline.open_source(ddir, "train")
+def classifier_stage(config, workdir: str | None, mesh) -> Stage:
+  source = _train_source(config, workdir)
   c = config.classifier
   weights = None
   if c.class_weights:
@@ -383,10 +311,8 @@ def classifier_stage(config, workdir: str, mesh) -> Stage:
       seed=config.seed)
 
 
-def gan_stage(config, workdir: str, mesh) -> Stage:
-  ddir = data_dir(config, workdir)
-  check_image_size(config, ddir)
-  source = pipeline.open_source(ddir, "train")
+def gan_stage(config, workdir: str | None, mesh) -> Stage:
+  source = _train_source(config, workdir)
   g = config.gan
   return Stage(
       name="gan", init_fn=S.gan_init_fn(config),
@@ -399,11 +325,9 @@ def gan_stage(config, workdir: str, mesh) -> Stage:
       seed=config.seed + 1)
 
 
-def ctr_stage(config, workdir: str, mesh) -> Stage:
+def ctr_stage(config, workdir: str | None, mesh) -> Stage:
   """The CTR regressor: measures a translated heart by something other than the GAN (phantoms)."""
-  ddir = data_dir(config, workdir)
-  check_image_size(config, ddir)
-  source = pipeline.open_source(ddir, "train")
+  source = _train_source(config, workdir)
   c = config.ctr
   return Stage(
       name="ctr", init_fn=S.ctr_init_fn(config),
@@ -421,6 +345,9 @@ STAGES = {"classifier": classifier_stage, "gan": gan_stage, "ctr": ctr_stage}
 
 def train_stage(name: str, config, workdir: str, mesh=None, progress: bool = True):
   """Trains stage `name` ('classifier', 'gan' or 'ctr'), resuming if the workdir has checkpoints."""
+  if name == "ctr" and config.data.kind != "phantoms":
+    raise UserError("train-ctr needs phantom data (ground-truth CTR); data.kind is "
+                    f"{config.data.kind!r}")
   mesh = mesh or sh.data_mesh()
   _record_stage_config(config, workdir, name)
   return run_stage(STAGES[name](config, workdir, mesh), workdir, mesh, progress)
@@ -435,7 +362,4 @@ def train_gan(config, workdir: str, mesh=None, progress=True):
 
 
 def train_ctr(config, workdir: str, mesh=None, progress=True):
-  if config.data.kind != "phantoms":
-    raise UserError("train-ctr needs phantom data (ground-truth CTR); data.kind is "
-                    f"{config.data.kind!r}")
   return train_stage("ctr", config, workdir, mesh, progress)

@@ -28,6 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from agcg_jax.data import nih  # noqa: E402  pylint: disable=g-import-not-at-top
+from agcg_jax.data import nih_prepare  # noqa: E402  pylint: disable=g-import-not-at-top
+from agcg_jax.data import tfds_nih  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def main():
@@ -44,7 +46,7 @@ def main():
     out = tempfile.mkdtemp(prefix="agcg_prepare_speed_")
     try:
       start = time.perf_counter()
-      report = nih.prepare_nih(args.data_dir, out, size=args.size,
+      report = tfds_nih.prepare_nih(args.data_dir, out, size=args.size,
                                split="paper", balance="none",
                                workers=args.workers)
       total_s = time.perf_counter() - start
@@ -75,14 +77,14 @@ def main():
 
 
 def _cpu_ms_per_image(data_dir, size):
-  """CPU milliseconds of `nih.convert_one` per image, in this process."""
+  """CPU milliseconds of `nih_prepare.convert_one` per image, in this process."""
   cohort = nih.build_cohort(data_dir, split="paper")
   names = sorted(e.name for e in cohort.entries if e.name in cohort.paths)
   cache = tempfile.mkdtemp(prefix="agcg_prepare_cpu_")
   try:
     start = time.process_time()
     for name in names:
-      nih.convert_one((name, cohort.paths[name], os.path.join(cache, name),
+      nih_prepare.convert_one((name, cohort.paths[name], os.path.join(cache, name),
                        size))
     return (time.process_time() - start) * 1000 / len(names)
   finally:

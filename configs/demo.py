@@ -5,7 +5,7 @@
 (`bash launch/demo.sh` runs exactly that after setting up.) The variant
 `configs/demo.py:tiny` is the test suite's smoke run (seconds, not results).
 """
-from agcg_jax.defaults import base
+from agcg_jax.config import base
 
 
 def get_config(arg=None):

@@ -4,26 +4,30 @@ lr D 4e-4, G and A 1e-4, classifier 3.2e-3, Adam(0.5, 0.9), the paper's cohort
 
 Each step on a downloaded release at $NIH (NIH layout or Kaggle's):
 
-    agcg prepare-nih --data-dir $NIH --out data/nih_paper --split paper --balance undersample --size 256
-    agcg train-classifier --config configs/paper.py --workdir runs/paper --config.data.dir=data/nih_paper
-    agcg train-gan        --config configs/paper.py --workdir runs/paper --config.data.dir=data/nih_paper
-    agcg evaluate         --config configs/paper.py --workdir runs/paper --config.data.dir=data/nih_paper
-    agcg explain          --config configs/paper.py --workdir runs/paper --config.data.dir=data/nih_paper
+    agcg prepare          --config configs/paper.py --workdir runs/paper --config.data.nih.source=$NIH
+    agcg train-classifier --config configs/paper.py --workdir runs/paper
+    agcg train-gan        --config configs/paper.py --workdir runs/paper
+    agcg evaluate         --config configs/paper.py --workdir runs/paper
+    agcg explain          --config configs/paper.py --workdir runs/paper
 
-(`configs/paper.py:patient` is the same with a patient-disjoint split: prepare
-with --split patient. The config's data.dir default is data/nih_paper.)
+The cohort options live in `data.nih` and name the prepared dataset
+(data/nih/nih_chest_xray14/size256_both_paper_undersample_seed0/): a config
+always trains on the cohort it describes. `configs/paper.py:patient` is the
+same with a patient-disjoint split (prepare it with the same config).
 The paper gives no epoch counts: 4,440 training images, so gan.steps=200000
 is 45 epochs at batch 1; classifier.steps=5550 is 10 epochs at batch 8.
 """
-from agcg_jax.defaults import base
+from agcg_jax.config import base
 
 
 def get_config(arg=None):
   c = base()
   c.data.kind = "nih"
-  c.data.dir = "data/nih_paper"
+  c.data.dir = "data/nih"
   c.data.image_size = 256
   c.data.workers = 0
+  c.data.nih.split = "paper"
+  c.data.nih.balance = "undersample"
   c.classifier.batch_per_device = 8
   c.classifier.steps = 5550
   c.gan.batch_per_device = 1
@@ -32,7 +36,7 @@ def get_config(arg=None):
   c.gan.ckpt_every = 5000
   c.eval.batch_size = 32
   if arg == "patient":
-    c.data.dir = "data/nih_patient"
+    c.data.nih.split = "patient"
   elif arg == "bf16":
     c.model.dtype = "bfloat16"
   elif arg:

@@ -39,14 +39,15 @@ from pathlib import Path
 from IPython.display import display
 
 from agcg_jax import figures, report
+from agcg_jax import workdir as workdir_lib
 
 # A relative WORKDIR is taken from the repository root, where `agcg` runs;
 # the notebook itself runs in notebooks/.
 workdir = Path(WORKDIR)
 if not workdir.is_absolute() and not workdir.exists() and (Path("..") / workdir).exists():
   workdir = Path("..") / workdir
-metrics = report.load_metrics(workdir)
-examples = report.load_examples(workdir)  # an agcg_jax.examples.ExampleMaps
+metrics = workdir_lib.load_metrics(workdir)
+examples = workdir_lib.load_examples(workdir)  # an agcg_jax.examples.ExampleMaps
 print(f"run: {workdir.resolve()}")
 print(f"{len(examples)} example cases; decision map: {examples.cam_kind}")
 print(f"dataset: {metrics.get('dataset')}, image size: {metrics.get('image_size')}, "
@@ -108,7 +109,7 @@ display(figures.figure_cam(examples, per_cell=CASES))
 # ## Training curves
 
 # %%
-curves = figures.figure_training_curves(report.load_training_logs(workdir))
+curves = figures.figure_training_curves(workdir_lib.load_training_logs(workdir))
 if curves is None:
   print("no training logs in this workdir")
 else:

@@ -10,7 +10,7 @@ from agcg_jax.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("spec", ["demo.py", "demo.py:tiny", "default.py", "default.py:bf16",
+@pytest.mark.parametrize("spec", ["demo.py", "demo.py:tiny", "phantoms.py", "phantoms.py:bf16",
                                   "paper.py", "paper.py:patient"])
 def test_every_shipped_config_loads(spec):
   cfg = config_lib.load_config(os.path.join(ROOT, "configs", spec))

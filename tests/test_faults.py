@@ -85,10 +85,10 @@ def finished_run(tmp_path_factory):
   Trained in this process as `agcg demo` would (same config, same devices),
   without its evaluation.
   """
-  from agcg_jax import pipeline_runs  # pylint: disable=g-import-not-at-top
+  from agcg_jax import commands  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("finished"))
   config = config_lib.load_config(TINY)
-  pipeline_runs.prepare_phantoms(config, workdir)
+  commands.prepare(config, workdir)
   for fn in (train.train_classifier, train.train_ctr, train.train_gan):
     assert fn(config, workdir, progress=False)[1] == "done"
   assert sorted(os.listdir(os.path.join(workdir, "gan", "checkpoints"))) == ["3", "6"]
@@ -108,7 +108,7 @@ def tiny(*overrides):
 
 
 def gan_params(workdir, config):
-  params, step = train.restore_params(workdir, "gan", S.gan_init_fn(config))
+  params, step = ckpt_lib.restore_params(workdir, "gan", S.gan_init_fn(config))
   return jax.device_get(params), step
 
 
@@ -462,6 +462,7 @@ def big_nih_download(dst, side=768):
 @pytest.mark.slow
 def test_prepare_nih_killed_while_converting_then_rerun_equals_a_clean_build(tmp_path):
   from agcg_jax.data import nih
+  from agcg_jax.data import tfds_nih
   download = big_nih_download(str(tmp_path / "nih"))
   killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
   args = ["--data-dir", download, "--size", "32", "--workers", "1"]
@@ -475,7 +476,7 @@ def test_prepare_nih_killed_while_converting_then_rerun_equals_a_clean_build(tmp
   with open(os.path.join(killed, "cohort.json")) as f:
     again = json.load(f)
   assert again["cache"]["reused"] >= 19  # the killed run's conversions were kept
-  fresh = nih.prepare_nih(download, clean, size=32, workers=1)
+  fresh = tfds_nih.prepare_nih(download, clean, size=32, workers=1)
   assert again["fingerprint"] == fresh["fingerprint"]
   assert_same_records(again["tfds_dir"], fresh["tfds_dir"], nih.SPLIT_NAMES)
 

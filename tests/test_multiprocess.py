@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from agcg_jax import checkpoint as ckpt_lib
 from agcg_jax import config as config_lib
 from agcg_jax import state as S
 from agcg_jax import train
@@ -58,7 +59,7 @@ def _launch(command, workdir, data_dir, *overrides, devices, num, ids=None, time
 
 def _final_params(workdir, tiny_config, data_dir):
   config = config_lib.apply_overrides(tiny_config, [f"data.dir={data_dir}"])
-  params, step = train.restore_params(workdir, "gan", S.gan_init_fn(config))
+  params, step = ckpt_lib.restore_params(workdir, "gan", S.gan_init_fn(config))
   return jax.device_get(params), step
 
 
@@ -194,8 +195,8 @@ def test_sigterm_saves_and_resumes_exactly_and_sigkill_resumes_from_last_checkpo
   # The metrics file reads as one run, and the parameters equal the run never stopped.
   assert _steps_logged(stopped) == list(range(1, 41))
   config = config_lib.apply_overrides(tiny_config, [f"data.dir={data_dir}", "gan.steps=40"])
-  a, _ = train.restore_params(straight, "gan", S.gan_init_fn(config))
-  b, _ = train.restore_params(stopped, "gan", S.gan_init_fn(config))
+  a, _ = ckpt_lib.restore_params(straight, "gan", S.gan_init_fn(config))
+  b, _ = ckpt_lib.restore_params(stopped, "gan", S.gan_init_fn(config))
   chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
 
 

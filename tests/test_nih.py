@@ -5,7 +5,6 @@ Most run on the committed fixture `tests/fixtures/nih/` (14 real images at
 `tests/fixtures/make_nih_fixture.py`). Those marked `needs_sample` use the
 whole real sample at ../shared/nih_sample and are skipped without it.
 """
-import argparse
 import json
 import os
 import shutil
@@ -14,7 +13,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from agcg_jax.data import images
 from agcg_jax.data import nih
+from agcg_jax.data import tfds_nih
 from agcg_jax.data import records
 from agcg_jax.errors import UserError
 
@@ -66,7 +67,7 @@ def _name(example):
 def prepared(tmp_path_factory):
   """Every present fixture image (split=paper, balance=none) at 64 px."""
   out = str(tmp_path_factory.mktemp("nih_out"))
-  report = nih.prepare_nih(FIXTURE, out, size=SIZE, split="paper",
+  report = tfds_nih.prepare_nih(FIXTURE, out, size=SIZE, split="paper",
                            balance="none", workers=1)
   return out, report
 
@@ -154,7 +155,7 @@ def test_kaggle_layout_and_2017_label_file(tmp_path, prepared):
   assert sorted(cohort.paths) == FIXTURE_IMAGES
   assert cohort.label_file.endswith("Data_Entry_2017.csv")
   # The same dataset as from the NIH layout; two workers run the pool.
-  report = nih.prepare_nih(str(data), str(tmp_path / "out"), size=SIZE,
+  report = tfds_nih.prepare_nih(str(data), str(tmp_path / "out"), size=SIZE,
                            split="paper", balance="none", workers=2)
   assert report["layout"] == "kaggle"
   assert report["fingerprint"] == prepared[1]["fingerprint"]
@@ -174,7 +175,7 @@ def test_label_file_with_other_columns(tmp_path):
 
 def test_missing_data_dir_and_label_file(tmp_path):
   with pytest.raises(UserError, match="--data-dir .*nowhere"):
-    nih.prepare_nih(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    tfds_nih.prepare_nih(str(tmp_path / "nowhere"), str(tmp_path / "out"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(UserError, match="Data_Entry_2017"):
     nih.build_cohort(str(tmp_path / "empty"))
@@ -209,7 +210,7 @@ def test_bad_box_file(tmp_path):
 ])
 def test_bad_options(tmp_path, option, kwargs):
   with pytest.raises(UserError, match=option):
-    nih.prepare_nih(FIXTURE, str(tmp_path / "out"), **kwargs)
+    tfds_nih.prepare_nih(FIXTURE, str(tmp_path / "out"), **kwargs)
 
 
 def test_empty_cohort(tmp_path):
@@ -221,11 +222,11 @@ def test_empty_cohort(tmp_path):
   with open(path, "w") as f:
     f.write(text)
   with pytest.raises(UserError, match="empty cohort.*--views AP"):
-    nih.prepare_nih(data, str(tmp_path / "out"), views="AP", size=SIZE)
+    tfds_nih.prepare_nih(data, str(tmp_path / "out"), views="AP", size=SIZE)
   # Image folder present but none of the cohort's images in it.
   data = _copy_fixture(tmp_path / "no_pngs", images=False)
   with pytest.raises(UserError, match="empty cohort.*no_pngs"):
-    nih.prepare_nih(data, str(tmp_path / "out2"), size=SIZE)
+    tfds_nih.prepare_nih(data, str(tmp_path / "out2"), size=SIZE)
 
 
 # --- conversion ---------------------------------------------------------------
@@ -233,21 +234,21 @@ def test_empty_cohort(tmp_path):
 
 def test_to_gray8_16bit_scales_by_bit_depth():
   ramp12 = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)
-  gray = nih.to_gray8(Image.fromarray(ramp12))
-  assert nih.conversion_kind(Image.fromarray(ramp12).mode) == "16bit"
+  gray = images.to_gray8(Image.fromarray(ramp12))
+  assert images.conversion_kind(Image.fromarray(ramp12).mode) == "16bit"
   np.testing.assert_array_equal(
       np.asarray(gray), np.rint(ramp12 * (255 / 4095)).astype(np.uint8))
   full = np.array([[0, 32768, 65535]], dtype=np.uint16)
-  gray = nih.to_gray8(Image.fromarray(full))
+  gray = images.to_gray8(Image.fromarray(full))
   np.testing.assert_array_equal(np.asarray(gray), [[0, 128, 255]])
 
 
 def test_resize_is_area_average():
   pixels = np.random.default_rng(0).integers(0, 256, (128, 128), np.uint8)
-  small = np.asarray(nih.resize_square(Image.fromarray(pixels), 32))
+  small = np.asarray(images.resize_square(Image.fromarray(pixels), 32))
   means = pixels.reshape(32, 4, 32, 4).astype(np.float64).mean((1, 3))
   assert np.abs(small - means).max() <= 0.5 + 1e-9
-  odd = nih.resize_square(Image.fromarray(pixels), 48)  # non-integer factor
+  odd = images.resize_square(Image.fromarray(pixels), 48)  # non-integer factor
   assert odd.size == (48, 48)
   assert abs(np.asarray(odd).mean() - pixels.mean()) < 1.0
 
@@ -260,7 +261,7 @@ def test_16bit_png_prepared(tmp_path):
   Image.fromarray(ramp).save(os.path.join(data, "images", name))
   with Image.open(os.path.join(data, "images", name)) as im:
     assert im.mode.startswith("I")  # a real 16-bit PNG
-  report = nih.prepare_nih(data, str(tmp_path / "out"), size=SIZE,
+  report = tfds_nih.prepare_nih(data, str(tmp_path / "out"), size=SIZE,
                            split="paper", balance="none", workers=1)
   assert report["converted"]["16bit"] == 1
   stored = {_name(ex): ex["image"] for s in nih.SPLIT_NAMES
@@ -292,7 +293,7 @@ def test_truncated_png_skipped_or_fatal(tmp_path):
     head = f.read()[: os.path.getsize(path) // 2]
   with open(path, "wb") as f:
     f.write(head)
-  report = nih.prepare_nih(data, str(tmp_path / "out"), size=SIZE,
+  report = tfds_nih.prepare_nih(data, str(tmp_path / "out"), size=SIZE,
                            split="paper", balance="none", workers=1)
   assert report["unreadable"]["count"] == 1
   assert report["unreadable"]["files"][0]["file"].endswith(name)
@@ -301,7 +302,7 @@ def test_truncated_png_skipped_or_fatal(tmp_path):
   assert name not in ids and len(ids) == len(FIXTURE_IMAGES) - 1
   _only_present_rows(data)  # So that --strict fails on this, not on missing.
   with pytest.raises(UserError, match=name):
-    nih.prepare_nih(data, str(tmp_path / "out_strict"), size=SIZE,
+    tfds_nih.prepare_nih(data, str(tmp_path / "out_strict"), size=SIZE,
                     split="paper", balance="none", workers=1, strict=True)
 
 
@@ -313,10 +314,10 @@ def test_missing_images_counted_or_fatal(tmp_path, prepared):
   assert report["counts"]["present"]["all"] == {
       "No Finding": 6, "Cardiomegaly": 8}
   with pytest.raises(UserError, match="Data_Entry_2017_v2020.csv are missing"):
-    nih.prepare_nih(FIXTURE, str(tmp_path / "out"), size=SIZE, strict=True)
+    tfds_nih.prepare_nih(FIXTURE, str(tmp_path / "out"), size=SIZE, strict=True)
   data = _copy_fixture(tmp_path / "complete")
   _only_present_rows(data)
-  report = nih.prepare_nih(data, str(tmp_path / "out2"), size=SIZE,
+  report = tfds_nih.prepare_nih(data, str(tmp_path / "out2"), size=SIZE,
                            split="paper", balance="none", strict=True,
                            workers=1)
   assert report["missing"]["count"] == 0
@@ -383,7 +384,7 @@ def test_rerun_is_a_no_op(prepared):
   cache = report["cache"]["dir"]
   stamps = {n: os.stat(os.path.join(cache, n)).st_mtime_ns
             for n in os.listdir(cache)}
-  again = nih.prepare_nih(FIXTURE, out, size=SIZE, split="paper",
+  again = tfds_nih.prepare_nih(FIXTURE, out, size=SIZE, split="paper",
                           balance="none", workers=1)
   assert again["cache"]["converted_now"] == 0
   assert again["cache"]["reused"] == len(FIXTURE_IMAGES)
@@ -402,11 +403,11 @@ def test_grown_download_rebuilds(tmp_path):
   stale = os.path.join(out, "cache", f"size{SIZE}", f".{held}.x.tmp")
   os.makedirs(os.path.dirname(stale))
   open(stale, "w").close()
-  first = nih.prepare_nih(data, out, size=SIZE, split="paper",
+  first = tfds_nih.prepare_nih(data, out, size=SIZE, split="paper",
                           balance="none", workers=1)
   assert not os.path.exists(stale)
   os.rename(tmp_path / held, os.path.join(data, "images", held))
-  second = nih.prepare_nih(data, out, size=SIZE, split="paper",
+  second = tfds_nih.prepare_nih(data, out, size=SIZE, split="paper",
                            balance="none", workers=1)
   assert second["tfds_rebuilt"] and second["cache"]["converted_now"] == 1
   n = lambda r: sum(sum(r["counts"]["dataset"][s].values())  # noqa: E731
@@ -417,7 +418,7 @@ def test_grown_download_rebuilds(tmp_path):
 
 
 def test_undersample_balances_train_only(tmp_path):
-  report = nih.prepare_nih(FIXTURE, str(tmp_path / "out"), size=SIZE,
+  report = tfds_nih.prepare_nih(FIXTURE, str(tmp_path / "out"), size=SIZE,
                            split="patient", seed=2, workers=1)
   counts = report["counts"]
   train = counts["dataset"]["train"]
@@ -433,17 +434,38 @@ def test_undersample_balances_train_only(tmp_path):
 
 
 def test_cli_arguments(tmp_path, capsys):
-  parser = argparse.ArgumentParser()
-  nih.add_prepare_nih_arguments(parser)
-  args = parser.parse_args(["--data-dir", FIXTURE, "--out",
-                            str(tmp_path / "out"), "--size", "32",
-                            "--split", "official", "--workers", "1"])
-  report = nih.run_prepare_nih(args)
+  from agcg_jax import cli  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "out")
+  assert cli.run(["prepare-nih", "--data-dir", FIXTURE, "--out", out, "--size", "32",
+                  "--split", "official", "--workers", "1"]) == 0
+  with open(os.path.join(out, "cohort.json")) as f:
+    report = json.load(f)
   assert report["options"]["split"] == "official"
   assert report["config"] == "size32_both_official_undersample_seed0"
   assert "cohort.json" in capsys.readouterr().out
   with pytest.raises(SystemExit):
-    parser.parse_args(["--data-dir", FIXTURE, "--out", "x", "--views", "LL"])
+    cli.run(["prepare-nih", "--data-dir", FIXTURE, "--out", "x", "--views", "LL"])
+
+
+def test_prepare_from_the_config_names_the_dataset_the_config_trains_on(tmp_path, capsys):
+  """`agcg prepare --config` with data.nih options writes exactly the dataset that config opens."""
+  from agcg_jax import cli  # pylint: disable=g-import-not-at-top
+  from agcg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from agcg_jax import workdir as wd  # pylint: disable=g-import-not-at-top
+  overrides = ["--config.data.kind=nih", f"--config.data.dir={tmp_path / 'data'}",
+               "--config.data.image_size=32", "--config.data.nih.split=official",
+               "--config.data.nih.workers=1"]
+  with pytest.raises(UserError, match="data.nih.source"):
+    cli.run(["prepare", "--workdir", str(tmp_path / "run"), *overrides])
+  assert cli.run(["prepare", "--workdir", str(tmp_path / "run"),
+                  f"--config.data.nih.source={FIXTURE}", *overrides]) == 0
+  config = config_lib.apply_overrides(config_lib.base(), [o[len("--config."):] for o in overrides])
+  path = wd.dataset_dir(config, str(tmp_path / "run"))
+  assert path.endswith(os.path.join("size32_both_official_undersample_seed0", "1.0.0"))
+  # Another cohort option names another dataset: not prepared, and the error says what is there.
+  other = config_lib.apply_overrides(config, ["data.nih.balance=none"])
+  with pytest.raises(UserError, match="size32_both_official_undersample_seed0"):
+    wd.dataset_dir(other, str(tmp_path / "run"))
 
 
 def test_builder_alone(tmp_path):

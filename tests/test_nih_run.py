@@ -8,7 +8,7 @@ import pytest
 
 from agcg_jax import config as config_lib
 from agcg_jax import evaluate, report, train
-from agcg_jax.data import nih
+from agcg_jax.data import tfds_nih
 from agcg_jax.examples import ExampleMaps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,9 +19,10 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "nih")
 def test_nih_fixture_trains_and_is_scored_against_expert_boxes(tmp_path, tiny_config, one_device_mesh):
   data = str(tmp_path / "data")
   # The official split: every expert box of the release is on a test image.
-  nih.prepare_nih(FIXTURE, data, size=32, split="official", balance="none", workers=1)
+  tfds_nih.prepare_nih(FIXTURE, data, size=32, split="official", balance="none", workers=1)
   config = config_lib.apply_overrides(tiny_config, [
-      "data.kind=nih", f"data.dir={data}", "data.image_size=32", "classifier.class_weights=true"])
+      "data.kind=nih", f"data.dir={data}", "data.image_size=32", "data.nih.split=official",
+      "data.nih.balance=none", "classifier.class_weights=true"])
   workdir = str(tmp_path / "run")
   for name in ("classifier", "gan"):
     train._record_stage_config(config, workdir, name)

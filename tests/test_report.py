@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from agcg_jax import figures, report
+from agcg_jax import workdir as workdir_lib
 from agcg_jax.errors import UserError
 from agcg_jax.examples import ExampleMaps
 from tests import report_fixtures as fixtures
@@ -192,7 +193,7 @@ def test_missing_examples_is_a_user_error_naming_the_file(tmp_path):
   path = os.path.join(workdir, "eval", "examples.npz")
   os.remove(path)
   with pytest.raises(UserError, match=re.escape(path) + ".*not found.*agcg evaluate"):
-    report.load_examples(workdir)
+    workdir_lib.load_examples(workdir)
 
 
 def test_old_or_corrupt_examples_file_is_a_user_error(tmp_path):
@@ -201,12 +202,12 @@ def test_old_or_corrupt_examples_file_is_a_user_error(tmp_path):
   path = os.path.join(workdir, "eval", "examples.npz")
   np.savez(path, to_cardiomegaly_real=np.zeros((1, 8, 8), np.float32))
   with pytest.raises(UserError, match=re.escape(path) + ".*missing") as info:
-    report.load_examples(workdir)
+    workdir_lib.load_examples(workdir)
   assert "\n" not in str(info.value)
   with open(path, "wb") as f:
     f.write(b"not a zip")
   with pytest.raises(UserError, match=re.escape(path)):
-    report.load_examples(workdir)
+    workdir_lib.load_examples(workdir)
 
 
 def test_corrupt_metrics_raises_user_error(tmp_path):
@@ -214,7 +215,7 @@ def test_corrupt_metrics_raises_user_error(tmp_path):
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     f.write("{not json")
   with pytest.raises(UserError, match="metrics.json"):
-    report.load_metrics(workdir)
+    workdir_lib.load_metrics(workdir)
 
 
 def test_nih_run_without_optional_arrays_or_logs(tmp_path):
@@ -273,7 +274,7 @@ def test_cam_note_names_the_kind_in_use(tmp_path):
 def test_load_examples_roundtrips_example_maps(tmp_path, dataset):
   workdir = fixtures.make_workdir(tmp_path, dataset=dataset, n=3, with_logs=False)
   written = fixtures.examples(size=32, n=3, dataset=dataset)
-  loaded = report.load_examples(workdir)
+  loaded = workdir_lib.load_examples(workdir)
   assert isinstance(loaded, ExampleMaps)
   assert len(loaded) == 6 and loaded.cam_kind == "margin"
   for field in dataclasses.fields(ExampleMaps):
@@ -402,9 +403,9 @@ def test_symmetric_limit():
 
 def test_training_curves_skip_missing_logs(tmp_path):
   workdir = fixtures.make_workdir(tmp_path, with_logs=True)
-  assert report.load_training_logs(tmp_path / "nowhere") == {}
+  assert workdir_lib.load_training_logs(tmp_path / "nowhere") == {}
   assert figures.figure_training_curves({}) is None
-  logs = report.load_training_logs(workdir)
+  logs = workdir_lib.load_training_logs(workdir)
   assert set(logs) == {"classifier", "gan"}
   fig = figures.figure_training_curves(logs)
   titles = {ax.get_title() for ax in fig.axes if ax.get_visible()}

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from agcg_jax import checkpoint as ckpt_lib
 from agcg_jax import config as config_lib
 from agcg_jax import train
 from agcg_jax.errors import UserError
@@ -19,7 +20,7 @@ def _config(tiny_config, data_dir):
 
 def _params(workdir, config):
   from agcg_jax import state as S
-  params, step = train.restore_params(workdir, "gan", S.gan_init_fn(config))
+  params, step = ckpt_lib.restore_params(workdir, "gan", S.gan_init_fn(config))
   return jax.device_get(params), step
 
 

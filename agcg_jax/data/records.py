@@ -16,6 +16,21 @@ CLASS_NAMES = ("No Finding", "Cardiomegaly")
 NUM_CLASSES = len(CLASS_NAMES)
 # Short names for file names, metric keys and figure titles.
 CLASS_KEYS = ("no_finding", "cardiomegaly")
+# Translation direction of a source image of class c: into the other class.
+DIRECTIONS = tuple(f"to_{k}" for k in CLASS_KEYS)
+# Translation direction -> (source class, target class), as names.
+DIRECTION_NAMES = {d: (CLASS_NAMES[1 - i], CLASS_NAMES[i]) for i, d in enumerate(DIRECTIONS)}
+
+
+def other(key: str) -> str:
+  """The other class's key (CLASS_KEYS): the domain an image of class `key` is translated into."""
+  a, b = CLASS_KEYS
+  return b if key == a else a
+
+
+def direction_of(label: int) -> str:
+  """The direction a source image of class `label` is translated in."""
+  return DIRECTIONS[1 - int(label)]
 
 
 def to_float(image_u8: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """TFDS builder `nih_chest_xray14`: the NIH cohort as array_record files.
 
-Normally built by `nih.prepare_nih` (`agcg prepare-nih`), which converts the
+Normally built by `prepare_nih` below (`agcg prepare`), which converts the
 images on every core first and hands the builder the prepared examples. The
 builder also works alone, e.g.
 
@@ -18,7 +18,10 @@ fed an array would call `tf.image.encode_png`), and `DatasetInfo` is built
 with `builder=self`.
 """
 import dataclasses
+import json
 import os
+import shutil
+import time
 from typing import Any
 
 from etils import epath
@@ -26,8 +29,12 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from agcg_jax import files
+from agcg_jax import progress
 from agcg_jax.data import nih
+from agcg_jax.data import nih_prepare
 from agcg_jax.data import records
+from agcg_jax.errors import UserError
 
 _CITATION = """\
 @inproceedings{wang2017chestxray8,
@@ -95,12 +102,12 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)
 
   def __init__(self, *,
-               prepared: tuple[nih.Examples, dict[str, Any]] | None = None,
+               prepared: tuple[nih_prepare.Examples, dict[str, Any]] | None = None,
                **kwargs):
     """Creates the builder.
 
     Args:
-      prepared: (examples, report) from `nih.prepare_examples`; None: the
+      prepared: (examples, report) from `nih_prepare.prepare_examples`; None: the
         builder prepares them itself from the manual_dir (the NIH folder).
       **kwargs: for `tfds.core.GeneratorBasedBuilder` (config, data_dir).
     """
@@ -147,7 +154,7 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     if self._prepared is None:
       cfg = self.builder_config
-      self._prepared = nih.prepare_examples(
+      self._prepared = nih_prepare.prepare_examples(
           os.fspath(dl_manager.manual_dir),
           os.path.join(os.fspath(dl_manager.download_dir), "nih_cache",
                        f"size{cfg.size}"),
@@ -185,3 +192,81 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
           "cardiomegaly_box": np.asarray(cardio or [0.0] * 4, np.float32),
           "has_cardiomegaly_box": np.int32(cardio is not None),
       }
+
+
+def prepare_nih(data_dir: str, out_dir: str, *, size: int = 256,
+                views: str = "both", split: str = "patient",
+                balance: str = "undersample", seed: int = 0,
+                strict: bool = False, workers: int | None = None
+                ) -> dict[str, Any]:
+  """Prepares the TFDS dataset `nih_chest_xray14` from an NIH download.
+
+  Safe to re-run: converted images are reused from `<out_dir>/cache/`, and a
+  TFDS dataset that already holds the same examples is kept; one that does
+  not (more images downloaded since) is rebuilt.
+
+  Args:
+    data_dir: the NIH release (NIH or Kaggle layout), possibly partial.
+    out_dir: where `cache/`, `nih_chest_xray14/<config>/<version>/` and
+      `cohort.json` go.
+    size: stored side length S; images are uint8 [S, S, 1].
+    views: "both", "PA" or "AP".
+    split: "patient" (patient-disjoint 80/20), "paper" (80/20 by image, the
+      paper's Table 1) or "official" (NIH's lists).
+    balance: "undersample" (the larger class of the training split cut to the
+      smaller's count, the paper's adjusted set) or "none" (class weights in
+      the report); the test split is always whole.
+    seed: seeds the split and the undersampling.
+    strict: fail on a missing or unreadable image instead of skipping it.
+    workers: conversion processes; None: every core.
+
+  Returns:
+    The report also written to `<out_dir>/cohort.json`, with `tfds_dir`, the
+    folder for `tfds.builder_from_directory`.
+  """
+  out_dir = os.fspath(out_dir)
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise UserError(f"--out {out_dir} is not a folder")
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"--out {out_dir}: cannot create it ({e.strerror})"
+                    ) from None
+  cache_dir = os.path.join(out_dir, "cache", f"size{size}")
+  examples, report = nih_prepare.prepare_examples(
+      data_dir, cache_dir, size=size, views=views, split=split,
+      balance=balance, seed=seed, strict=strict, workers=workers)
+
+  config = NihConfig.make(size=size, views=views, split=split,
+                                   balance=balance, seed=seed)
+  # TFDS refuses a config object named like a registered one: pass the name then.
+  registered = {c.name for c in NihChestXray14.BUILDER_CONFIGS}
+  builder = NihChestXray14(
+      config=config.name if config.name in registered else config, data_dir=out_dir,
+      prepared=(examples, report))
+  version_dir = os.fspath(builder.data_dir)
+  metadata_file = os.path.join(version_dir, "metadata.json")
+  rebuilt = True
+  if os.path.isdir(version_dir):
+    try:
+      with open(metadata_file) as f:
+        same = json.load(f).get("fingerprint") == report["fingerprint"]
+    except (OSError, ValueError):
+      same = False
+    if same:
+      rebuilt = False
+    else:
+      # Other images than last time (a download grew, or files changed).
+      shutil.rmtree(version_dir)
+  start = time.perf_counter()
+  if not progress.interactive():
+    tfds.disable_progress_bar()  # TFDS's bars are carriage-return floods in a log file
+  builder.download_and_prepare(
+      download_dir=os.path.join(out_dir, "downloads"),
+      download_config=tfds.download.DownloadConfig(manual_dir=data_dir))
+  report["seconds"]["tfds"] = round(time.perf_counter() - start, 3)
+  report["config"] = config.name
+  report["tfds_dir"] = os.path.abspath(version_dir)
+  report["tfds_rebuilt"] = rebuilt
+  files.write_json(os.path.join(out_dir, "cohort.json"), report)
+  return report

@@ -8,7 +8,6 @@ map of kind `eval.cam`, default "margin"), saved to
 Attention, Masked, Fake, Diff) into <workdir>/figures/explain_<name>_<direction>.png;
 the class probabilities go to <workdir>/figures/explain_predictions.json.
 """
-import json
 import os
 
 import jax
@@ -16,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from agcg_jax import cam as cam_lib
+from agcg_jax import checkpoint as ckpt_lib
+from agcg_jax import files
 from agcg_jax import figures
 from agcg_jax import state as S
-from agcg_jax import train
-from agcg_jax.data.nih import load_image
+from agcg_jax import workdir as wd
+from agcg_jax.data.images import load_image
 from agcg_jax.data.records import CLASS_KEYS, CLASS_NAMES, to_float
 from agcg_jax.errors import UserError
 from agcg_jax.examples import ExampleMaps
@@ -49,9 +50,9 @@ def explain_files(config, workdir: str, paths) -> list[str]:
   if kind not in cam_lib.CAM_KINDS:
     raise UserError(f"eval.cam={kind!r}: expected one of {', '.join(cam_lib.CAM_KINDS)}")
   x, names = _load(paths, size)
-  cls_params, _ = train.restore_params(workdir, "classifier", S.classifier_init_fn(config),
-                                      config=config)
-  gan_params, _ = train.restore_params(workdir, "gan", S.gan_init_fn(config), config=config)
+  cls_params, _ = ckpt_lib.restore_params(workdir, "classifier", S.classifier_init_fn(config),
+                                         config=config)
+  gan_params, _ = ckpt_lib.restore_params(workdir, "gan", S.gan_init_fn(config), config=config)
   cls_model, gan_models = S.classifier_model(config), S.gan_models(config.model)
   geometry = trunk_geometry(config.model.cls_layers)
 
@@ -81,7 +82,7 @@ def explain_files(config, workdir: str, paths) -> list[str]:
   order = np.arange(n * len(CLASS_KEYS)).reshape(len(CLASS_KEYS), n).T.ravel()
   examples = ExampleMaps.concatenate(parts).take(order)
 
-  fig_dir = os.path.join(workdir, "figures")
+  fig_dir = wd.figures_dir(workdir)
   os.makedirs(fig_dir, exist_ok=True)
   examples.save(os.path.join(fig_dir, "explain_examples.npz"))
   written = []
@@ -93,7 +94,7 @@ def explain_files(config, workdir: str, paths) -> list[str]:
       path = os.path.join(fig_dir, f"explain_{name}_{d}.png")
       figures.figure_translation(one, d, path)
       written.append(path)
-  with open(os.path.join(fig_dir, "explain_predictions.json"), "w") as f:
-    json.dump({name: {CLASS_NAMES[c]: float(probs[i, c]) for c in range(len(CLASS_NAMES))}
-               for i, name in enumerate(names)}, f, indent=2)
+  files.write_json(os.path.join(fig_dir, "explain_predictions.json"),
+                   {name: {CLASS_NAMES[c]: float(probs[i, c]) for c in range(len(CLASS_NAMES))}
+                    for i, name in enumerate(names)})
   return written

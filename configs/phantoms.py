@@ -1,12 +1,12 @@
 """Full-size AG-CycleGAN on phantoms (256x256, the paper's networks and rates): a GPU/TPU run.
 
-    agcg demo --config configs/default.py --workdir runs/phantoms256
-    agcg bench --config configs/default.py --size 256 --batch 1 8 --dtype fp32 bf16
+    agcg demo --config configs/phantoms.py --workdir runs/phantoms256
+    agcg bench --config configs/phantoms.py --size 256 --batch 1 8 --dtype fp32 bf16
 
-Variants: `configs/default.py:bf16` computes in bfloat16 (parameters and
+Variants: `configs/phantoms.py:bf16` computes in bfloat16 (parameters and
 Adam states stay float32).
 """
-from agcg_jax.defaults import base
+from agcg_jax.config import base
 
 
 def get_config(arg=None):
@@ -20,5 +20,5 @@ def get_config(arg=None):
   if arg == "bf16":
     c.model.dtype = "bfloat16"
   elif arg:
-    raise ValueError(f"unknown variant {arg!r}: use configs/default.py or configs/default.py:bf16")
+    raise ValueError(f"unknown variant {arg!r}: use configs/phantoms.py or configs/phantoms.py:bf16")
   return c

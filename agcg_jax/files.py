@@ -1,0 +1,52 @@
+"""Writing a file whole: a reader, or a crash, never sees half of it.
+
+Every result file of a run (metrics.json, report.html, examples.npz, a
+stage's config.json, cohort.json) is written to a temporary name beside it
+and renamed onto it, so the previous version stays intact until the new one
+is complete.
+"""
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+# mkstemp creates files readable by the owner only; results get the usual mode.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
+  """Yields a temporary path beside `path`, renamed onto `path` when the block succeeds.
+
+  Args:
+    path: the file to (re)write; its folder is created if needed.
+    suffix: the temporary file's suffix (np.savez appends ".npz" to any
+      other name, so pass ".npz" there).
+  """
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory)
+  os.close(fd)
+  try:
+    yield tmp
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` (UTF-8) to `path` atomically."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> None:
+  """Writes `obj` as indented JSON (and a final newline) to `path` atomically."""
+  write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")

@@ -463,7 +463,7 @@ def restore_params(workdir: str, stage: str, init_fn, mesh=None, config=None) ->
     raise UserError(f"no {stage} checkpoint in {directory}: run `agcg train-{stage}` first")
   wd.check_trained_networks(config, workdir, stage)
   ckpt = Checkpointer(directory, keep=1000, asynchronous=False)
-  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
   try:
     restored = ckpt.restore_newest(abstract_with_shardings(abstract, sh.replicated(mesh)),
                                    with_data=False)

@@ -45,11 +45,20 @@ def guard_writes(name: str, workdir: str, fn, *args, **kwargs) -> int:
 
 
 def prepare(config, workdir: str) -> str:
-  """Prepares the dataset the config describes (by `data.kind`) unless it is there.
+  """Prepares the dataset the config describes (by `data.kind`) unless it is there, and the
+  evaluation dataset (`eval_data`) when the config names one.
 
   Returns:
-    The dataset's version folder (what training and evaluation open).
+    The training dataset's version folder.
   """
+  path = _prepare_data(config, workdir)
+  scored = wd.eval_config(config)
+  if scored is not config:
+    print(f"agcg: evaluation dataset ready in {_prepare_data(scored, workdir)}", flush=True)
+  return path
+
+
+def _prepare_data(config, workdir: str) -> str:
   kind, root = config.data.kind, wd.data_root(config, workdir)
   if kind == "phantoms":
     from agcg_jax.data import tfds_phantoms  # pylint: disable=g-import-not-at-top
@@ -62,7 +71,19 @@ def prepare(config, workdir: str) -> str:
       raise UserError("data.kind=nih: set --config.data.nih.source to the NIH download (the folder "
                       "with Data_Entry_2017*.csv beside images/)")
     prepare_nih(n.source, root, size=config.data.image_size, views=n.views, split=n.split,
-                balance=n.balance, seed=n.seed, strict=n.strict, workers=n.workers or None)
+                balance=n.balance, seed=n.seed, strict=n.strict, workers=n.workers or None,
+                normalize=n.normalize)
+  elif kind == "folders":
+    from agcg_jax.data import tfds_folders  # pylint: disable=g-import-not-at-top
+    f = config.data.folders
+    if not f.source:
+      raise UserError("data.kind=folders: set --config.data.folders.source to the root of the "
+                      "class folders")
+    class_map = {0: wd.split_names(f.no_finding), 1: wd.split_names(f.cardiomegaly)}
+    tfds_folders.prepare_folders(f.source, root, size=config.data.image_size, seed=f.seed,
+                                 test_fraction=f.test_fraction, class_map=class_map,
+                                 ignore=wd.split_names(f.ignore), normalize=f.normalize,
+                                 strict=f.strict, workers=f.workers or None)
   else:
     wd.dataset_name(config)  # raises the one-line error naming the kinds
   return wd.dataset_dir(config, workdir)

@@ -192,7 +192,7 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = d = ml_collections.ConfigDict()
-  d.kind = "phantoms"          # "phantoms" or "nih"
+  d.kind = "phantoms"          # "phantoms", "nih" or "folders"
   d.dir = ""                   # where `agcg prepare` writes datasets; "" = <workdir>/data. The
                                # dataset used is derived from the options below (workdir.py).
   d.image_size = 256
@@ -207,6 +207,23 @@ def base() -> ml_collections.ConfigDict:
   n.seed = 0                   # seeds the split and the undersampling
   n.strict = False             # fail on a missing or unreadable image instead of skipping it
   n.workers = 0                # conversion processes; 0: every core
+  n.normalize = "none"         # none | equalize | clahe: intensity normalisation in the records
+  d.folders = f = ml_collections.ConfigDict()  # class folders: <source>/<class>/*.png (data.kind=folders)
+  f.source = ""                # the root; <source>/{train,test}/<class>/ keeps its own split
+  f.no_finding = "no_finding,no finding,normal"  # folder names of class 0, comma-separated
+  f.cardiomegaly = "cardiomegaly"                # folder names of class 1
+  f.ignore = ""                # folder names to skip, comma-separated
+  f.test_fraction = 0.2        # the stratified split by image when the root has no split folders
+  f.seed = 0
+  f.normalize = "none"         # none | equalize (histogram) | clahe (needs scikit-image)
+  f.strict = False             # fail on an unreadable image instead of skipping and counting it
+  f.workers = 0                # decoding processes; 0: every core
+
+  # Where `agcg evaluate` scores the run: eval_data.kind "" = the test split of `data`;
+  # otherwise another dataset described like `data` (at data.image_size), e.g. trained on a
+  # class-folder set and scored on NIH images with expert boxes or on outlined hearts.
+  c.eval_data = ml_collections.ConfigDict(d.to_dict())
+  c.eval_data.kind = ""
 
   c.model = m = ml_collections.ConfigDict()
   m.dtype = "float32"          # compute dtype: float32 or bfloat16 (params stay float32)
@@ -273,4 +290,5 @@ def base() -> ml_collections.ConfigDict:
   e.cam = "margin"             # the scored/shown decision map: "margin" (headline) or "equ9" (cam.py)
   e.truth_threshold_grey = 8.0 # phantom truth: body pixels where the twin differs by more (of 255)
   e.num_figure_examples = 4
+  e.audit_images = 2000        # training images the confounder audit (audit.py) reads; 0: no audit
   return c

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agcg_jax import audit as audit_lib
 from agcg_jax import cam as cam_lib
 from agcg_jax import checkpoint as ckpt_lib
 from agcg_jax import files
@@ -34,7 +35,7 @@ from agcg_jax import state as S
 from agcg_jax import workdir as wd
 from agcg_jax.data import pipeline
 from agcg_jax.data.records import (CLASS_KEYS, CLASS_NAMES, DIRECTIONS, NUM_CLASSES, direction_of,
-                                   to_float)
+                                   to_float, to_uint8)
 from agcg_jax.distributed import is_main_process
 from agcg_jax.errors import UserError
 from agcg_jax.examples import ExampleMaps
@@ -280,18 +281,62 @@ class _Examples:
             else ExampleMaps.empty(self.size, cam_kind=self.cam_kind))
 
 
-def _training_priors(ddir: str, size: int, threshold_grey: float, batch_size: int):
-  """(prior map [S, S], training boxes [M, 4]) from the *training* split.
+class _BoxSwap:
+  """Keeps the boxed images' maps (positive part, pooled to metrics.SWAP_GRID) for the box-swap margin."""
+
+  def __init__(self):
+    self.maps = {name: [] for name in BOX_MAPS}
+    self.boxes = []
+
+  def add(self, batch: dict, figure: dict, valid: np.ndarray) -> None:
+    keep = valid & (np.asarray(batch["has_cardiomegaly_box"]) > 0)
+    if not keep.any():
+      return
+    idx = np.nonzero(keep)[0]
+    got = jax.device_get({k: figure[k] for k in ("attention", "cam", "fake", "real")})
+    maps = {"attention": got["attention"], "cam": got["cam"],
+            "diff": np.abs(got["fake"] - got["real"])}
+    for name in BOX_MAPS:
+      self.maps[name].append(M.pool_map(np.maximum(np.asarray(maps[name])[idx], 0.0)))
+    self.boxes.append(np.asarray(batch["cardiomegaly_box"], np.float32)[idx])
+
+  def result(self, size: int, seed: int) -> dict:
+    """{<map>_box_swap_margin, <map>_box_swap_margin_ci}; this process's boxed images."""
+    if not self.boxes or jax.process_count() > 1:  # (pooling maps across hosts: not yet)
+      return {}
+    boxes = np.concatenate(self.boxes)
+    out = {}
+    for name in BOX_MAPS:
+      margins = M.box_swap_margins(np.concatenate(self.maps[name]), boxes, size)
+      if np.isfinite(margins).any():
+        out[f"{name}_box_swap_margin"] = float(np.nanmean(margins))
+        out[f"{name}_box_swap_margin_ci"] = M.bootstrap_ci(margins, seed=seed)
+    return out
+
+
+def _training_priors(ddir: str, size: int, threshold_grey: float, batch_size: int,
+                     audit_images: int = 0):
+  """(prior map [S, S], training boxes [M, 4], audit sample) from the *training* split.
 
   Phantoms: the mean truth support of the training images (where hearts
   usually differ). NIH: the training Cardiomegaly boxes (metrics.box_baselines
-  turns them into a prior map and a fixed pointer).
+  turns them into a prior map and a fixed pointer). The audit sample is
+  (uint8 images [N, S, S], labels [N]) of at most `audit_images` training
+  records, every k-th (a split stored sorted by class is sampled evenly), for
+  audit.py.
   """
   source = pipeline.open_source(ddir, "train")
+  stride = max(1, -(-len(source) // audit_images)) if audit_images else 0
   support_fn = jax.jit(lambda x, t, b: M.truth_support(x, t, b, threshold_grey).astype(jnp.float32))
-  total, count, boxes = np.zeros((size, size)), 0.0, []
+  total, count, boxes, images, labels = np.zeros((size, size)), 0.0, [], [], []
+  position = 0
   for batch in pipeline.eval_batches(source, batch_size=batch_size):
     valid = np.asarray(batch["valid"], bool)
+    if stride:
+      take = valid & ((position + np.arange(len(valid))) % stride == 0)
+      images.append(to_uint8(np.asarray(batch["image"])[take][..., 0]))
+      labels.append(np.asarray(batch["label"])[take])
+    position += int(valid.sum())
     if "twin_image" in batch:
       sup = support_fn(batch["image"][..., 0], to_float(batch["twin_image"])[..., 0],
                        batch["body_mask"][..., 0])
@@ -299,10 +344,26 @@ def _training_priors(ddir: str, size: int, threshold_grey: float, batch_size: in
       count += valid.sum()
     elif "has_cardiomegaly_box" in batch:
       boxes.append(_boxes_of(batch))
-    else:
-      break  # no truth of either kind: no prior
+    elif not stride:
+      break  # no truth of either kind and no audit: nothing more to read
   prior = (total / count if count else np.zeros((size, size))).astype(np.float32)
-  return prior, (np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32))
+  sample = ((np.concatenate(images)[:audit_images], np.concatenate(labels)[:audit_images])
+            if images else (np.zeros((0, size, size), np.uint8), np.zeros(0, np.int64)))
+  return prior, (np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)), sample
+
+
+def _audit(sample, prior, boxes: np.ndarray, size: int, seed: int) -> dict:
+  """The confounder audit (audit.py) of the training sample, with the heart region it blanked."""
+  images, labels = sample
+  box, source = audit_lib.heart_box_of_prior(prior), "prior"
+  if box is None:
+    box, source = audit_lib.heart_box_of_boxes(boxes, size), "boxes"
+  if box is None:
+    box, source = audit_lib.STAND_IN_HEART_BOX, "stand-in (mean NIH sample box)"
+  out = audit_lib.audit(images, labels, box_xyxy_fraction=box, seed=seed)
+  out.update({"audit_images": int(len(labels)), "audit_heart_box": [round(v, 4) for v in box],
+              "audit_heart_box_source": source})
+  return out
 
 
 def _boxes_of(batch: dict) -> np.ndarray:
@@ -346,21 +407,23 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
   cls_params = cls_params["classifier"]
   gan_params, gan_step = ckpt_lib.restore_params(workdir, "gan", S.gan_init_fn(config), mesh, config)
   ctr_params = ctr_model = None
-  if config.data.kind == "phantoms":
+  if config.data.kind == "phantoms" and wd.eval_config(config).data.kind == "phantoms":
     ctr_params, _ = ckpt_lib.restore_params(workdir, "ctr", S.ctr_init_fn(config), mesh, config)
     ctr_params = ctr_params["ctr"]
     ctr_model = S.ctr_model(config)
   fn = jax.jit(_eval_fn(S.classifier_model(config), S.gan_models(config.model), ctr_model,
                         size=size, geometry=trunk_geometry(config.model.cls_layers),
                         cam_kind=cam_kind, threshold_grey=config.eval.truth_threshold_grey))
-  ddir = wd.dataset_dir(config, workdir)
-  wd.check_image_size(config, ddir)
+  scored = wd.eval_config(config)
+  ddir = wd.dataset_dir(scored, workdir)
+  wd.check_image_size(scored, ddir)
   n_local = len(jax.local_devices())
   batch_size = -(-config.eval.batch_size // n_local) * n_local
-  prior, train_boxes = _training_priors(ddir, size, config.eval.truth_threshold_grey, batch_size)
+  prior, train_boxes, audit_sample = _training_priors(
+      ddir, size, config.eval.truth_threshold_grey, batch_size, config.eval.audit_images)
   source = pipeline.open_source(ddir, "test")
   examples = _Examples(config.eval.num_figure_examples, cam_kind, size)
-  sums, seen, test_boxes = {}, 0, []
+  sums, seen, test_boxes, swap = {}, 0, [], _BoxSwap()
   batches = pipeline.eval_batches(source, batch_size=batch_size, shard_index=jax.process_index(),
                                   shard_count=jax.process_count())
   for batch in progress_lib.bar(batches, desc="evaluate", unit="batch",
@@ -374,6 +437,8 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
     valid = np.asarray(batch["valid"], bool)
     if "has_cardiomegaly_box" in batch:
       test_boxes.append(_boxes_of(batch))
+    if "has_cardiomegaly_box" in batch:
+      swap.add(batch, figure, valid)
     rows = examples.wanted(np.asarray(batch["label"]), preds, valid)
     examples.add(batch, figure, rows, batch.get("heart_mask"))
     seen += int(valid.sum())
@@ -385,9 +450,15 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
     every = _gather_rows(np.concatenate(test_boxes))
     baselines = M.box_baselines(every, train_boxes, size) if len(every) else None
   metrics = summarize(_pool_processes(sums), baselines)
+  metrics.update(swap.result(size, config.seed))
+  if config.eval.audit_images:
+    box_rows = train_boxes if len(train_boxes) else (
+        _gather_rows(np.concatenate(test_boxes)) if test_boxes else train_boxes)
+    metrics.update(_audit(audit_sample, prior, box_rows, size, config.seed))
   metrics.update({
       "cam_kind": cam_kind,
-      "dataset": config.data.kind,
+      "dataset": wd.eval_config(config).data.kind,
+      "trained_on": config.data.kind,
       "image_size": size,
       "classifier_step": cls_step,
       "gan_step": gan_step,

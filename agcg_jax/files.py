@@ -27,16 +27,21 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
   """
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory)
+  except OSError as e:  # name the file the caller wanted, not a temporary
+    raise OSError(e.errno, e.strerror, path) from None
   os.close(fd)
   try:
     yield tmp
     os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(OSError):
       os.remove(tmp)
+    if isinstance(e, OSError) and e.filename == tmp:
+      raise OSError(e.errno, e.strerror, path) from None
     raise
 
 

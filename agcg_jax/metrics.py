@@ -222,3 +222,69 @@ def box_baselines(test_boxes, train_boxes, size: int) -> dict:
   return {"prior_box_enrichment": share / (areas / n) if areas > 0 else float("nan"),
           "fixed_point_pointing": hits / n,
           "box_baseline_source": "other test boxes (leave-one-out)" if loo else "training boxes"}
+
+
+# ---------------------------------------------------------------- box swap
+# A map that only knows where hearts usually are scores well on mass-in-box
+# (every heart box sits in the same place); it cannot tell *this* image's box
+# from another image's. The box-swap margin asks exactly that.
+
+SWAP_GRID = 64  # maps are pooled to at most this grid before the host keeps them
+
+
+def pool_map(maps: np.ndarray, grid: int = SWAP_GRID) -> np.ndarray:
+  """[N, S, S] -> [N, g, g] by block means, g = S / (the smallest factor making g <= grid)."""
+  maps = np.asarray(maps, np.float32)
+  n, s, _ = maps.shape
+  k = 1
+  while s // k > grid and s % (2 * k) == 0:
+    k *= 2
+  return maps.reshape(n, s // k, k, s // k, k).mean((2, 4)) if k > 1 else maps
+
+
+def box_coverage(boxes: np.ndarray, size: int, grid: int) -> np.ndarray:
+  """[N, g, g]: the share of each grid cell (of S / g pixels a side) inside each box (x0, y0, x1, y1)."""
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  edges = np.arange(grid + 1) * (size / grid)
+  lo, hi = edges[:-1], edges[1:]
+
+  def overlap(a, b):  # [N, g]: the share of each cell's extent inside [a, b]
+    return np.clip(np.minimum(hi, b[:, None]) - np.maximum(lo, a[:, None]), 0, None) / (hi - lo)
+  return overlap(boxes[:, 1], boxes[:, 3])[:, :, None] * overlap(boxes[:, 0], boxes[:, 2])[:, None, :]
+
+
+def box_swap_margins(maps: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+  """[N]: each map's mass share in its own box minus its mean share in the other N - 1 boxes.
+
+  Args:
+    maps: [N, g, g] non-negative maps (the positive part, pooled to a grid g).
+    boxes: [N, 4] their images' boxes, (x0, y0, x1, y1) in pixels of the S-pixel image.
+    size: S.
+
+  A map uniform over the image, or any map that ignores the image (a fixed
+  prior), has a mean margin of 0 (exactly, for the same map everywhere); a map
+  on its own box and nowhere else scores 1 minus the mean overlap of boxes.
+  """
+  maps = np.asarray(maps, np.float64)
+  n = len(maps)
+  if n < 2:
+    return np.full(n, np.nan)
+  p = maps / np.maximum(maps.sum((1, 2), keepdims=True), 1e-12)
+  cover = box_coverage(boxes, size, maps.shape[-1])
+  own = (p * cover).sum((1, 2))
+  all_boxes = cover.sum(0)
+  others = ((p * all_boxes[None]).sum((1, 2)) - own) / (n - 1)
+  return own - others
+
+
+def bootstrap_ci(values: np.ndarray, *, level: float = 0.95, resamples: int = 2000,
+                 seed: int = 0) -> list[float]:
+  """[low, high]: the percentile bootstrap interval of the mean of `values` (NaNs dropped)."""
+  v = np.asarray(values, np.float64)
+  v = v[np.isfinite(v)]
+  if len(v) < 2:
+    return [float("nan"), float("nan")]
+  rng = np.random.default_rng(seed)
+  means = v[rng.integers(0, len(v), (resamples, len(v)))].mean(1)
+  a = (1 - level) / 2
+  return [float(np.quantile(means, a)), float(np.quantile(means, 1 - a))]

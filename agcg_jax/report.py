@@ -187,6 +187,28 @@ METRICS = {
         "Fixed-point pointing game", "pct",
         "The pointing game of one fixed point, the mean training box centre: the trivial "
         "baseline a map must beat."),
+    **{f"{m}_box_swap_margin": (
+        f"{_MAP_NAMES[m]} box-swap margin", "signed",
+        f"The {_MAP_NAMES[m].lower()}'s mass share in its own image's box minus its mean "
+        "share in the other test images' boxes (bootstrap 95% interval beside it). 0 = a map "
+        "that does not know where this heart is, however well it sits where hearts usually "
+        "are (a fixed prior scores 0).") for m in ("attention", "cam", "diff")},
+    # Confounder audit (audit.py).
+    "audit_outside_heart_accuracy": (
+        "Label from outside the heart", "pct",
+        "Cross-validated accuracy of a logistic regression predicting the label of training "
+        "images from statistics taken outside the (widened) heart region: intensity "
+        "percentiles, body width and height, collimation. Near the majority baseline: the "
+        "cohorts differ little outside the heart. Well above it: the translations may show "
+        "these differences rather than the disease."),
+    "audit_nonimage_accuracy": (
+        "Label from non-image fields", "pct",
+        "The same from the record's non-image fields (view, age, sex) where the data carry "
+        "them."),
+    "audit_majority_baseline": (
+        "Audit majority baseline", "pct", "Accuracy of always answering the training "
+        "majority class, over the same folds."),
+    "audit_images": ("Audit images", "int", "Training images the audit read."),
 }
 # Where each section of the metric table starts.
 SECTIONS = {
@@ -194,6 +216,7 @@ SECTIONS = {
     "truth_support_share": "Against the counterfactual twins (phantoms)",
     "ctr_direction_correct": "Cardiothoracic ratio (phantoms)",
     "num_boxed": "Against the radiologists' boxes (NIH)",
+    "audit_outside_heart_accuracy": "Confounder audit (training split)",
 }
 OTHER_SECTION = "Other"
 
@@ -219,13 +242,19 @@ BASELINES = {
        for m in _MAPS},
     **{f"{m}_pointing": (("fixed point", "fixed_point_pointing"),)
        for m in ("attention", "cam", "diff")},
+    **{f"{m}_box_swap_margin": (("chance", 0.0),) for m in ("attention", "cam", "diff")},
+    "audit_outside_heart_accuracy": (("majority", "audit_majority_baseline"),),
+    "audit_nonimage_accuracy": (("majority", "audit_majority_baseline"),),
 }
+# An audit accuracy this far above its majority baseline is reported as a confounder.
+AUDIT_MARGIN = 0.1
 # Keys shown elsewhere on the page, never as metric rows: metadata, and the
 # constant chance levels the "chance / baseline" column already shows.
 NOT_METRICS = {"confusion_original", "confusion_translated", "class_names", "config",
                "dataset", "date", "device", "image_size", "classifier_step", "gan_step",
                "truth_enrichment_chance", "box_enrichment_chance",
-               "counterfactual_error_identity"}
+               "counterfactual_error_identity", "audit_folds", "audit_heart_box",
+               "audit_heart_box_source"}
 
 CAM_NOTE = (
     "With a two-class softmax head trained by cross-entropy, the gradients of the two class "
@@ -293,6 +322,9 @@ def baseline_text(metrics: Mapping[str, Any], key: str, fmt: str = "float") -> s
     value = metrics.get(source) if isinstance(source, str) else source
     if is_number(value):
       parts.append(f"{name} {format_value(value, fmt)}")
+  ci = metrics.get(f"{key}_ci")
+  if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(is_number(v) for v in ci):
+    parts.append(f"95% CI [{format_value(ci[0], fmt)}, {format_value(ci[1], fmt)}]")
   return ", ".join(parts)
 
 
@@ -394,7 +426,22 @@ def headline(metrics: Mapping[str, Any]) -> str:
       if has("fixed_point_pointing"):
         part += f" (a fixed point: {_pct(metrics, 'fixed_point_pointing')})"
     sentences.append(part + ".")
+  sentences += audit_warnings(metrics)
   return " ".join(sentences)
+
+
+def audit_warnings(metrics: Mapping[str, Any]) -> list[str]:
+  """One sentence per audit accuracy well above its majority baseline (AUDIT_MARGIN)."""
+  base = metrics.get("audit_majority_baseline")
+  out = []
+  for key, what in (("audit_outside_heart_accuracy", "image statistics outside the heart"),
+                    ("audit_nonimage_accuracy", "non-image fields alone")):
+    value = metrics.get(key)
+    if is_number(value) and is_number(base) and value - base >= AUDIT_MARGIN:
+      out.append(f"Caution: the label is predicted from {what} with {_pct(metrics, key)} "
+                 f"accuracy (majority {_pct(metrics, 'audit_majority_baseline')}), so the "
+                 "translations may show these differences rather than the disease.")
+  return out
 
 
 def confusion_html(matrix: Sequence[Sequence[float]] | None, class_names: Sequence[str],

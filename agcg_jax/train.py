@@ -149,7 +149,7 @@ class Stage:
   log_every: int
   ckpt_every: int
   keep: int
-  seed: int
+  seed: int                    # the run seed; stage_key / stage_seed derive the stage's streams
 
 
 def _check_finite(metrics: dict, step: int, stage: str) -> None:
@@ -170,10 +170,24 @@ class Compiled:
   step: Callable               # (state, global batch) -> (state, metrics); the state is donated
 
 
+# Each stage's random streams are its own: the run seed's key folded with the stage's tag.
+_STAGE_TAGS = {"classifier": 0, "gan": 1, "ctr": 2}
+
+
+def stage_key(seed: int, stage: str) -> jax.Array:
+  """The stage's init key: `jax.random.key(seed)` folded in with the stage's tag."""
+  return jax.random.fold_in(jax.random.key(seed), _STAGE_TAGS[stage])
+
+
+def stage_seed(seed: int, stage: str) -> int:
+  """An integer seed of the stage's data order (Grain), independent of the other stages'."""
+  return int(np.random.SeedSequence([seed, _STAGE_TAGS[stage]]).generate_state(1)[0] >> 1)
+
+
 def compile_stage(stage: Stage, mesh) -> Compiled:
   """Jits a stage's init and step for `mesh`: the one place both are compiled."""
   replicated = sh.replicated(mesh)
-  key = jax.random.PRNGKey(stage.seed)
+  key = stage_key(stage.seed, stage.name)
   abstract = jax.eval_shape(stage.init_fn, key)
   shardings = jax.tree.map(lambda _: replicated, abstract)
   return Compiled(
@@ -304,8 +318,8 @@ def classifier_stage(config, workdir: str | None, mesh) -> Stage:
       step_fn=functools.partial(steps.classifier_train_step, model=S.classifier_model(config),
                                 class_weights=weights),
       make_batches=lambda b, i, n: pipeline.classifier_batches(
-          source, batch_size=b, seed=config.seed, shard_index=i, shard_count=n,
-          worker_count=config.data.workers),
+          source, batch_size=b, seed=stage_seed(config.seed, "classifier"), shard_index=i,
+          shard_count=n, worker_count=config.data.workers),
       global_batch=sh.global_batch_size(c.batch_per_device, c.global_batch, mesh, "classifier"),
       total_steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every, keep=c.keep,
       seed=config.seed)
@@ -318,11 +332,11 @@ def gan_stage(config, workdir: str | None, mesh) -> Stage:
       name="gan", init_fn=S.gan_init_fn(config),
       step_fn=functools.partial(steps.gan_train_step, models=S.gan_models(config.model), cfg=g),
       make_batches=lambda b, i, n: pipeline.gan_batches(
-          source, batch_size=b, seed=config.seed, shard_index=i, shard_count=n,
-          worker_count=config.data.workers),
+          source, batch_size=b, seed=stage_seed(config.seed, "gan"), shard_index=i,
+          shard_count=n, worker_count=config.data.workers),
       global_batch=sh.global_batch_size(g.batch_per_device, g.global_batch, mesh, "gan"),
       total_steps=g.steps, log_every=g.log_every, ckpt_every=g.ckpt_every, keep=g.keep,
-      seed=config.seed + 1)
+      seed=config.seed)
 
 
 def ctr_stage(config, workdir: str | None, mesh) -> Stage:
@@ -333,11 +347,11 @@ def ctr_stage(config, workdir: str | None, mesh) -> Stage:
       name="ctr", init_fn=S.ctr_init_fn(config),
       step_fn=functools.partial(steps.ctr_train_step, model=S.ctr_model(config)),
       make_batches=lambda b, i, n: pipeline.classifier_batches(
-          source, batch_size=b, seed=config.seed + 2, shard_index=i, shard_count=n,
-          fields=("ctr",), worker_count=config.data.workers),
+          source, batch_size=b, seed=stage_seed(config.seed, "ctr"), shard_index=i,
+          shard_count=n, fields=("ctr",), worker_count=config.data.workers),
       global_batch=sh.global_batch_size(c.batch_per_device, 0, mesh, "ctr"),
       total_steps=c.steps, log_every=c.log_every, ckpt_every=max(c.steps, 1), keep=1,
-      seed=config.seed + 2)
+      seed=config.seed)
 
 
 STAGES = {"classifier": classifier_stage, "gan": gan_stage, "ctr": ctr_stage}

@@ -64,8 +64,30 @@ def dataset_name(config) -> tuple[str, str, str]:
     from agcg_jax.data import tfds_nih  # pylint: disable=g-import-not-at-top
     n, b = d.nih, tfds_nih.NihChestXray14
     return b.name, nih.config_name(d.image_size, n.views, n.split, n.balance,
-                                   n.seed), str(b.VERSION)
-  raise UserError(f"data.kind must be 'phantoms' or 'nih', not {d.kind!r}")
+                                   n.seed, n.normalize), str(b.VERSION)
+  if d.kind == "folders":
+    from agcg_jax.data import folders  # pylint: disable=g-import-not-at-top
+    from agcg_jax.data import tfds_folders  # pylint: disable=g-import-not-at-top
+    f, b = d.folders, tfds_folders.ClassFolderXray
+    layout = folders.layout_of(f.source, split_names(f.ignore))
+    return b.name, folders.config_name(d.image_size, f.normalize, layout, f.test_fraction,
+                                       f.seed), str(b.VERSION)
+  raise UserError(f"data.kind must be 'phantoms', 'nih' or 'folders', not {d.kind!r}")
+
+
+def split_names(text: str) -> tuple[str, ...]:
+  """"a, b,c" -> ("a", "b", "c"): the comma-separated folder names of a config field."""
+  return tuple(n.strip() for n in str(text).split(",") if n.strip())
+
+
+def eval_config(config):
+  """The config whose `data` is what `agcg evaluate` scores: `eval_data` when its kind is set."""
+  if not config.get("eval_data") or not config.eval_data.kind:
+    return config
+  out = config.copy_and_resolve_references()
+  out.data = out.eval_data
+  out.data.image_size = config.data.image_size  # the size the networks are built for
+  return out
 
 
 def dataset_dir(config, workdir: str, must_exist: bool = True) -> str:

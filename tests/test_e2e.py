@@ -133,13 +133,34 @@ def test_explain_chosen_images(tiny_run):
   workdir, _ = tiny_run
   png = os.path.join(ROOT, "tests", "fixtures", "nih", "images")
   chosen = os.path.join(png, sorted(os.listdir(png))[0])
-  proc = agcg("explain", "--config", TINY, "--workdir", workdir, "--image", chosen)
+  # The same radiograph as a PNG and as DICOMs (MONOCHROME2 12-bit, MONOCHROME1 16-bit) in a folder.
+  pytest.importorskip("pydicom")
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from tests.test_dicom import _12bit, _write  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(workdir, "to_explain")
+  os.makedirs(folder, exist_ok=True)
+  with Image.open(chosen) as im:
+    pixels = np.asarray(im.convert("L"), np.uint8)
+  _write(os.path.join(folder, "m2_12bit.dcm"), _12bit(pixels), bits=12)
+  _write(os.path.join(folder, "m1_16bit.dcm"), (65535 - pixels.astype(np.uint16) * 257),
+         "MONOCHROME1", bits=16)
+  proc = agcg("explain", "--config", TINY, "--workdir", workdir, "--image", chosen, folder)
   assert proc.returncode == 0, proc.stderr[-3000:]
   stem = os.path.splitext(os.path.basename(chosen))[0]
+  out = os.path.join(workdir, "explained")
   for d in ("to_cardiomegaly", "to_no_finding"):
-    assert os.path.getsize(os.path.join(workdir, "figures", f"explain_{stem}_{d}.png")) > 1000
-  preds = json.load(open(os.path.join(workdir, "figures", "explain_predictions.json")))
-  assert abs(sum(preds[stem].values()) - 1.0) < 1e-5
+    assert os.path.getsize(os.path.join(out, stem, f"figure_{d}.png")) > 1000
+  preds = json.load(open(os.path.join(out, "predictions.json")))
+  assert [r["name"] for r in preds] == [stem, "m1_16bit", "m2_12bit"]
+  for r in preds:
+    assert abs(r["p_no_finding"] + r["p_cardiomegaly"] - 1.0) < 1e-5
+  with open(os.path.join(out, "predictions.csv")) as f:
+    assert len(f.read().strip().splitlines()) == 1 + len(preds)
+  # A DICOM gives the same maps as the equivalent PNG.
+  for name in ("m1_16bit", "m2_12bit"):
+    for m in ("cam", "attention_to_cardiomegaly", "difference_to_no_finding"):
+      np.testing.assert_allclose(np.load(os.path.join(out, name, f"{m}.npy")),
+                                 np.load(os.path.join(out, stem, f"{m}.npy")), atol=1e-5)
   bad = agcg("explain", "--config", TINY, "--workdir", workdir, "--image", __file__)
   assert_one_line_error(bad, "not a readable image")
 
@@ -155,4 +176,6 @@ def test_evaluating_with_other_networks_is_one_line(tiny_run):
 def test_image_size_other_than_the_prepared_data_is_one_line(tiny_run):
   workdir, _ = tiny_run
   proc = agcg("evaluate", "--config", TINY, "--workdir", workdir, "--config.data.image_size=64")
-  assert_one_line_error(proc, "holds 32x32 images but data.image_size=64")
+  # The dataset a config opens is named by its options: another size is another dataset.
+  assert_one_line_error(proc, "s64_n32_t16_seed0", "it holds phantom_chest_xray/s32_n32_t16_seed0",
+                        "agcg prepare")

@@ -207,3 +207,39 @@ def test_summarize_empty_is_a_user_error():
   from agcg_jax.errors import UserError
   with pytest.raises(UserError, match="empty"):
     evaluate.summarize(_sums())
+
+
+def test_box_swap_margin_is_zero_for_a_fixed_prior_and_high_for_a_map_on_its_own_box():
+  size = 32
+  rng = np.random.default_rng(0)
+  x0 = rng.uniform(2, 14, 20)
+  y0 = rng.uniform(2, 14, 20)
+  boxes = np.stack([x0, y0, x0 + 12, y0 + 12], 1)
+  own = M.box_coverage(boxes, size, size)
+  # A map on its own box only: margin = 1 - mean share in the other boxes (> 0).
+  margins = M.box_swap_margins(own, boxes, size)
+  assert np.all(margins > 0) and margins.mean() > 0.3
+  # The same map for every image (a fixed prior, here the mean box): mean margin exactly 0.
+  prior = np.broadcast_to(own.mean(0), own.shape)
+  assert abs(M.box_swap_margins(prior, boxes, size).mean()) < 1e-12
+  # Swapping the maps between images destroys the margin.
+  swapped = M.box_swap_margins(own[::-1], boxes, size)
+  assert swapped.mean() < margins.mean() - 0.3
+
+
+def test_box_coverage_counts_partial_cells_and_pooling_keeps_the_mass():
+  cover = M.box_coverage(np.array([[0.0, 0.0, 3.0, 2.0]]), 4, 2)  # 2 px cells
+  np.testing.assert_allclose(cover[0], [[1.0, 0.5], [0.0, 0.0]])
+  maps = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8)
+  pooled = M.pool_map(maps, grid=4)
+  assert pooled.shape == (2, 4, 4)
+  np.testing.assert_allclose(pooled.sum((1, 2)) * 4, maps.sum((1, 2)))
+
+
+def test_bootstrap_interval_contains_the_mean_and_narrows_with_more_data():
+  rng = np.random.default_rng(1)
+  small, large = rng.normal(0.2, 1.0, 20), rng.normal(0.2, 1.0, 2000)
+  lo, hi = M.bootstrap_ci(small)
+  assert lo < small.mean() < hi
+  lo2, hi2 = M.bootstrap_ci(large)
+  assert hi2 - lo2 < (hi - lo) / 4 and lo2 > 0

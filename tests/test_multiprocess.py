@@ -103,7 +103,7 @@ def test_two_processes_equal_one_process_with_the_same_devices(tmp_path, data_di
   g = tiny_config.gan
   lr = {"gen": g.lr_g, "att": g.lr_a, "dis": g.lr_d}
   p0 = jax.device_get(jax.jit(S.gan_init_fn(tiny_config))(
-      jax.random.PRNGKey(tiny_config.seed + 1)).params)
+      train.stage_key(tiny_config.seed, "gan")).params)
   rms = lambda leaves: float(np.sqrt(np.mean(np.concatenate([np.ravel(x) ** 2 for x in leaves]))))
   assert sorted(p0) == sorted(S.GAN_NETS)
   for name in S.GAN_NETS:

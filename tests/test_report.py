@@ -427,3 +427,13 @@ def test_format_value():
   assert report.format_value(-0.0481, "signed") == "-0.048"
   assert report.format_value(1.23456) == "1.235"
   assert report.format_value("margin", "text") == "margin"
+
+
+def test_the_audit_warns_only_when_the_label_is_predicted_well_above_the_majority():
+  strong = {"audit_outside_heart_accuracy": 0.80, "audit_majority_baseline": 0.50}
+  weak = {"audit_outside_heart_accuracy": 0.55, "audit_majority_baseline": 0.50}
+  assert "rather than the disease" in report.audit_warnings(strong)[0]
+  assert report.audit_warnings(weak) == []
+  assert "rather than the disease" in report.headline(strong)
+  rows = {r.key: r for r in report.metric_rows(strong)}
+  assert rows["audit_outside_heart_accuracy"].baseline == "majority 50.0%"

@@ -79,3 +79,15 @@ def test_first_ctrl_c_requests_a_stop_and_a_second_interrupts():
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(0.5)
+
+
+def test_each_stage_has_its_own_random_streams():
+  keys = {s: train.stage_key(0, s) for s in ("classifier", "gan", "ctr")}
+  data = {jax.random.key_data(k).tobytes() for k in keys.values()}
+  assert len(data) == 3
+  assert jax.random.key_data(train.stage_key(0, "gan")).tobytes() == \
+      jax.random.key_data(train.stage_key(0, "gan")).tobytes()
+  assert jax.random.key_data(train.stage_key(1, "gan")).tobytes() != \
+      jax.random.key_data(train.stage_key(0, "gan")).tobytes()
+  seeds = [train.stage_seed(0, s) for s in ("classifier", "gan", "ctr")]
+  assert len(set(seeds)) == 3 and all(0 <= s < 2**31 for s in seeds)

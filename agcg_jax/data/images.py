@@ -7,12 +7,19 @@ so a PNG gives the same pixels whichever path it takes.
 Imports neither TFDS nor JAX: conversion workers import it and should start
 fast.
 """
+import importlib
 import math
 import zlib
 
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
+from agcg_jax.errors import UserError
+
+NORMALIZE_OPTIONS = ("none", "equalize", "clahe")
+# CLAHE's clip limit (scikit-image's default 0.01 of the tile's pixels).
+CLAHE_CLIP_LIMIT = 0.01
 # What a corrupt, truncated or unsupported file raises while decoding.
 READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error,
                Image.DecompressionBombError)
@@ -77,7 +84,9 @@ def load_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int], str]:
   """Decodes one radiograph to the stored format.
 
   Args:
-    path: a PNG (any format PIL reads).
+    path: a PNG, JPEG, 8- or 16-bit (anything PIL reads), or a DICOM file
+      (by suffix or its "DICM" preamble; dicom.read_dicom applies the
+      modality and VOI transforms, MONOCHROME1 inverted).
     size: stored side length S.
 
   Returns:
@@ -87,7 +96,13 @@ def load_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int], str]:
   Raises:
     OSError, SyntaxError, ValueError, zlib.error: the file is corrupt or
     truncated.
+    UserError: a DICOM this tool cannot show (multi-frame, colour, no pixels).
   """
+  from agcg_jax.data import dicom  # pylint: disable=g-import-not-at-top
+  if dicom.is_dicom(path):
+    pixels = dicom.read_dicom(path)
+    stored = resize_square(Image.fromarray(pixels), size)
+    return np.asarray(stored, dtype=np.uint8), (pixels.shape[1], pixels.shape[0]), "DICOM"
   with Image.open(path) as image:
     image.load()  # Decode now, so that a truncated file fails here.
     mode = image.mode
@@ -107,3 +122,43 @@ def conversion_kind(mode: str) -> str:
   if mode.startswith("I") or mode == "F":
     return "16bit"
   return "rgb" if mode == "RGB" else "other"
+
+
+def check_normalize(normalize: str) -> None:
+  """UserError unless `normalize` is an option this installation can run."""
+  if normalize not in NORMALIZE_OPTIONS:
+    raise UserError(f"normalize must be one of {', '.join(NORMALIZE_OPTIONS)}"
+                    f", not {normalize!r}")
+  if normalize == "clahe":
+    try:
+      importlib.import_module("skimage.exposure")
+    except ImportError:
+      raise UserError("normalize='clahe' needs scikit-image, which is not "
+                      "installed: pip install scikit-image (or use "
+                      "normalize='equalize')") from None
+
+
+def normalize_image(gray: np.ndarray, normalize: str) -> np.ndarray:
+  """Intensity normalisation of one stored image.
+
+  Args:
+    gray: uint8 [H, W].
+    normalize: "none"; "equalize": global histogram equalisation
+      (`PIL.ImageOps.equalize`); "clahe": contrast-limited adaptive
+      equalisation (`skimage.exposure.equalize_adapthist`, 8x8 tiles, clip
+      limit CLAHE_CLIP_LIMIT), which needs scikit-image.
+
+  Returns:
+    uint8 [H, W].
+  """
+  if normalize == "none":
+    return gray
+  if normalize == "equalize":
+    return np.asarray(ImageOps.equalize(Image.fromarray(gray)), np.uint8)
+  if normalize == "clahe":
+    check_normalize(normalize)
+    from skimage import exposure  # pylint: disable=g-import-not-at-top
+    out = exposure.equalize_adapthist(gray, clip_limit=CLAHE_CLIP_LIMIT)
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+  check_normalize(normalize)
+  raise AssertionError(normalize)

@@ -364,9 +364,10 @@ def build_cohort(data_dir: str, *, views: str = "both",
 
 
 def config_name(size: int, views: str, split: str, balance: str,
-                seed: int) -> str:
-  """The TFDS config name, e.g. "size256_both_patient_undersample_seed0"."""
-  return f"size{size}_{views.lower()}_{split}_{balance}_seed{seed}"
+                seed: int, normalize: str = "none") -> str:
+  """The TFDS config name, e.g. "size256_both_patient_undersample_seed0" (+ "_equalize")."""
+  name = f"size{size}_{views.lower()}_{split}_{balance}_seed{seed}"
+  return name if normalize == "none" else f"{name}_{normalize}"
 
 
 def balanced_counts(train_counts: dict[str, int]) -> dict[str, int]:

@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 
 from agcg_jax import files
 from agcg_jax import progress
+from agcg_jax.data import images
 from agcg_jax.data import nih
 from agcg_jax.data import nih_prepare
 from agcg_jax.data import records
@@ -64,16 +65,18 @@ class NihConfig(tfds.core.BuilderConfig):
   split: str = "patient"
   balance: str = "undersample"
   seed: int = 0
+  normalize: str = "none"
 
   @classmethod
   def make(cls, *, size: int = 256, views: str = "both",
            split: str = "patient", balance: str = "undersample",
-           seed: int = 0) -> "NihConfig":
+           seed: int = 0, normalize: str = "none") -> "NihConfig":
     return cls(
-        name=nih.config_name(size, views, split, balance, seed),
+        name=nih.config_name(size, views, split, balance, seed, normalize),
         description=(f"{size}x{size} grayscale, views {views}, split {split}, "
-                     f"train balance {balance}, seed {seed}"),
-        size=size, views=views, split=split, balance=balance, seed=seed)
+                     f"train balance {balance}, seed {seed}, intensity {normalize}"),
+        size=size, views=views, split=split, balance=balance, seed=seed,
+        normalize=normalize)
 
 
 class NihChestXray14(tfds.core.GeneratorBasedBuilder):
@@ -168,7 +171,9 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
     size = self.builder_config.size
     for ex in examples:
       with Image.open(ex["cache"]) as im:
-        image = np.asarray(im, dtype=np.uint8)
+        # The cache holds the converted image; normalisation is this config's.
+        image = images.normalize_image(np.asarray(im, dtype=np.uint8),
+                                       self.builder_config.normalize)
       if image.shape != (size, size):
         raise ValueError(f"{ex['cache']}: {image.shape}, expected "
                          f"{(size, size)}")
@@ -197,8 +202,8 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
 def prepare_nih(data_dir: str, out_dir: str, *, size: int = 256,
                 views: str = "both", split: str = "patient",
                 balance: str = "undersample", seed: int = 0,
-                strict: bool = False, workers: int | None = None
-                ) -> dict[str, Any]:
+                strict: bool = False, workers: int | None = None,
+                normalize: str = "none") -> dict[str, Any]:
   """Prepares the TFDS dataset `nih_chest_xray14` from an NIH download.
 
   Safe to re-run: converted images are reused from `<out_dir>/cache/`, and a
@@ -219,11 +224,15 @@ def prepare_nih(data_dir: str, out_dir: str, *, size: int = 256,
     seed: seeds the split and the undersampling.
     strict: fail on a missing or unreadable image instead of skipping it.
     workers: conversion processes; None: every core.
+    normalize: intensity normalisation applied when the records are written
+      ("none", "equalize", "clahe": images.normalize_image); the cache keeps
+      the converted images, so options share it.
 
   Returns:
     The report also written to `<out_dir>/cohort.json`, with `tfds_dir`, the
     folder for `tfds.builder_from_directory`.
   """
+  images.check_normalize(normalize)
   out_dir = os.fspath(out_dir)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise UserError(f"--out {out_dir} is not a folder")
@@ -236,9 +245,9 @@ def prepare_nih(data_dir: str, out_dir: str, *, size: int = 256,
   examples, report = nih_prepare.prepare_examples(
       data_dir, cache_dir, size=size, views=views, split=split,
       balance=balance, seed=seed, strict=strict, workers=workers)
-
+  report["options"]["normalize"] = normalize
   config = NihConfig.make(size=size, views=views, split=split,
-                                   balance=balance, seed=seed)
+                          balance=balance, seed=seed, normalize=normalize)
   # TFDS refuses a config object named like a registered one: pass the name then.
   registered = {c.name for c in NihChestXray14.BUILDER_CONFIGS}
   builder = NihChestXray14(

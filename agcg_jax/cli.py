@@ -8,6 +8,7 @@ table (what each command does is in commands.py).
 Config overrides are `--config.SECTION.KEY=VALUE` (typed as the field).
 """
 import argparse
+import json
 import os
 import sys
 
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
       s.add_argument("--steps", type=int, default=20, help="timed steps")
       s.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
       s.add_argument("--out", default=None, help="append the JSON rows to this file")
+      s.add_argument("--profile", default=None, metavar="DIR",
+                     help="write a jax.profiler trace of the timed steps into DIR")
+      s.add_argument("--input", default=None, metavar="DATA",
+                     help="measure the input pipeline alone over the prepared dataset DATA")
+      s.add_argument("--workers", type=int, nargs="+", default=[0],
+                     help="with --input: Grain worker counts to measure (default 0)")
     if name == "explain":
       s.add_argument("--image", nargs="*", default=[],
                      help="PNG files to explain besides the test-set cases (translated both ways)")
@@ -116,10 +123,19 @@ def _prepare(config, workdir, args):
 
 def _bench(config, workdir, args):
   from agcg_jax import bench
-  rows = bench.main(config, size=args.size, batches=args.batch, dtypes=args.dtype,
-                    steps_n=args.steps, warmup=args.warmup)
+  if args.input:
+    from agcg_jax import input_bench
+    rows = []
+    for workers in args.workers:
+      for b in args.batch:
+        row = input_bench.input_throughput(args.input, batch_size=b, worker_count=workers,
+                                           seconds=10.0)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+  else:
+    rows = bench.main(config, size=args.size, batches=args.batch, dtypes=args.dtype,
+                      steps_n=args.steps, warmup=args.warmup, profile_dir=args.profile)
   if args.out:
-    import json
     with open(args.out, "a") as f:
       for row in rows:
         f.write(json.dumps(row) + "\n")

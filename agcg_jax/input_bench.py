@@ -23,102 +23,14 @@ ahead, where the underlying iterator is):
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
-import numpy as np
 
 from agcg_jax.data import pipeline
-
-
-def _to_device(batch: Any, sharding: jax.sharding.Sharding | None) -> Any:
-  """Numeric numpy leaves -> jax.Arrays (text and object leaves stay on the host)."""
-
-  def put(x):
-    x = np.asarray(x)
-    if x.dtype.kind in "OSU":
-      return x
-    if sharding is None:
-      return jax.device_put(x)
-    # Process-local slice -> global array (one process: a device_put).
-    return jax.make_array_from_process_local_data(sharding, x)
-
-  return jax.tree.map(put, batch)
-
-
-class DevicePrefetch(Iterator):
-  """Iterator over device copies of `iterator`'s batches, `size` of them in flight.
-
-  Yields exactly the batches of `iterator`, in its order, as jax.Arrays.
-  `get_state()` is the underlying iterator's state just after the batch
-  last yielded here (None before the first), so saving it resumes at the
-  consumer's position. Not thread-safe; single consumer.
-  """
-
-  def __init__(self, iterator: Iterator, size: int = 2,
-               sharding: jax.sharding.Sharding | None = None):
-    if size < 1:
-      raise ValueError(f"prefetch size {size}: must be >= 1")
-    self._it = iterator
-    self._size = size
-    self._sharding = sharding
-    self._stateful = hasattr(iterator, "get_state")
-    self._queue: collections.deque = collections.deque()
-    self._state = None
-    self._exhausted = False
-
-  def _fill(self) -> None:
-    while not self._exhausted and len(self._queue) < self._size:
-      try:
-        batch = next(self._it)
-      except StopIteration:
-        self._exhausted = True
-        return
-      state = self._it.get_state() if self._stateful else None
-      self._queue.append((_to_device(batch, self._sharding), state))
-
-  def __next__(self) -> Any:
-    self._fill()
-    if not self._queue:
-      raise StopIteration
-    batch, self._state = self._queue.popleft()
-    # Start the next transfer before the consumer runs its step.
-    self._fill()
-    return batch
-
-  def get_state(self) -> Any:
-    """The wrapped iterator's state at the consumer's position (see class doc)."""
-    return self._state
-
-  def close(self) -> None:
-    """Drops the batches in flight and closes the wrapped iterator (Grain: its workers)."""
-    self._queue.clear()
-    self._exhausted = True
-    if hasattr(self._it, "close"):
-      self._it.close()
-
-
-def prefetch_to_device(iterator: Iterator, size: int = 2,
-                       sharding: jax.sharding.Sharding | None = None) -> DevicePrefetch:
-  """`iterator`'s batches as device arrays, the next `size` put ahead of consumption.
-
-  Args:
-    iterator: yields pytrees of numpy arrays (this process's batch); if it
-      has get_state() (Grain), the result reports the consumer's state.
-    size: batches held on the device ahead of the consumer (2: one in use,
-      one arriving).
-    sharding: None puts each leaf on the default device; a sharding (e.g.
-      `sharding.batch_sharded(mesh)`) assembles global arrays from each
-      process's slice, as `sharding.to_global` does.
-
-  Returns:
-    A DevicePrefetch: an iterator of the same batches, as jax.Arrays.
-  """
-  return DevicePrefetch(iterator, size=size, sharding=sharding)
+from agcg_jax.sharding import DevicePrefetch, to_device
 
 
 def _count_images(batch: Any, kind: str) -> int:
@@ -176,7 +88,7 @@ def input_throughput(data_dir: str, *, split: str = "train", kind: str = "gan",
   if prefetch_to_device:
     it = DevicePrefetch(grain_it, size=prefetch_size)
   else:
-    it = (_to_device(b, None) for b in grain_it)
+    it = (to_device(b, None) for b in grain_it)
   try:
     for _ in range(warmup):
       jax.block_until_ready(next(it))

@@ -49,6 +49,7 @@ from agcg_jax.data import pipeline
 from agcg_jax.data.records import NUM_CLASSES
 from agcg_jax.distributed import is_main_process
 from agcg_jax.errors import UserError
+from agcg_jax.event_log import EventLog
 
 class NonFiniteLoss(UserError):
   """Training produced a non-finite loss or gradient norm."""
@@ -237,6 +238,10 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
       state = compiled.init(compiled.key)
       start = 0
     log = MetricsLog(metrics_path, start, is_main_process())
+    # Nothing to train, nothing written (a finished run's workdir may be read-only).
+    events = EventLog(wd.events_dir(workdir, stage.name),
+                      enabled=is_main_process() and start < stage.total_steps,
+                      resume_step=start if start else None)
   except ckpt_lib.NetworksMismatch as e:
     ckpt.close()
     raise ckpt_lib.mismatch(stage.name, ckpt.directory, e) from None
@@ -248,6 +253,9 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
     raise
   jstep = compiled.step
 
+  # The next batch goes to the device while the step runs; its Grain state is
+  # the consumer's (not the prefetched one's), so a checkpoint resumes exactly.
+  device_batches = sh.prefetch_to_device(batches, size=2, sharding=sh.batch_sharded(mesh))
   status = "done"
   bar = progress_lib.bar(total=stage.total_steps, initial=start, desc=stage.name, unit="step",
                          disable=not (progress and is_main_process()))
@@ -257,7 +265,7 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
     with StopSignal() as stop:
       step = start
       while step < stage.total_steps:
-        batch = sh.to_global(next(batches), mesh)
+        batch = next(device_batches)
         state, metrics = jstep(state, batch)
         step += 1
         bar.update(1)
@@ -271,6 +279,7 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
           t_last, n_last = now, step
           try:
             log.write(row)
+            events.scalars(step, row)
           except OSError as e:
             raise write_failed(e) from None
           bar.set_postfix({k: f"{row[k]:.3g}" for k in list(row)[1:4]}, refresh=False)
@@ -282,7 +291,7 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
           if itstime(step, sync_every, last):
             stopping = bool(multihost_utils.process_allgather(np.array(stop.requested)).any())
         if itstime(step, stage.ckpt_every, last) or stopping:
-          ckpt.save(step, state, batches.get_state())
+          ckpt.save(step, state, device_batches.get_state())
         if stopping:
           status = "stopped"
           break
@@ -290,6 +299,7 @@ def run_stage(stage: Stage, workdir: str, mesh=None, progress: bool = True) -> t
     # Also on an error or a hard interrupt: finish the saves in flight, so
     # the last checkpoint is complete.
     bar.close()
+    events.close()
     ckpt.close()
   return state, status
 

@@ -5,6 +5,7 @@
       <stage>/checkpoints/                 Orbax steps (classifier, ctr, gan)
       <stage>/metrics.jsonl                one JSON object per logged step
       <stage>/config.json                  the config sections the stage was trained with
+      <stage>/tensorboard/                 the same scalars as TensorBoard event files
       eval/examples.npz                    the figure cases (examples.ExampleMaps)
       metrics.json                         what `agcg evaluate` measured
       figures/, report.html                what `agcg explain` drew
@@ -120,6 +121,11 @@ def checkpoints_dir(workdir: str, stage: str) -> str:
 
 def training_log(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage, "metrics.jsonl")
+
+
+def events_dir(workdir: str, stage: str) -> str:
+  """TensorBoard event files of a stage's training scalars (`tensorboard --logdir <workdir>`)."""
+  return os.path.join(workdir, stage, "tensorboard")
 
 
 def stage_config(workdir: str, stage: str) -> str:

@@ -40,7 +40,7 @@ def _assert_same(host_batch, device_batch):
 @pytest.mark.parametrize("size", [1, 2, 5])
 def test_prefetch_yields_the_same_batches_in_the_same_order(source, size):
   plain = [next(it) for it in [_gan(source)] for _ in range(7)]
-  fetched = input_bench.prefetch_to_device(_gan(source), size=size)
+  fetched = sh.prefetch_to_device(_gan(source), size=size)
   for want in plain:
     _assert_same(want, next(fetched))
   fetched.close()
@@ -50,7 +50,7 @@ def test_prefetch_onto_a_sharded_mesh(source):
   mesh = sh.data_mesh(jax.devices()[:2])
   sharding = sh.batch_sharded(mesh)
   plain = _gan(source)
-  fetched = input_bench.prefetch_to_device(_gan(source), sharding=sharding)
+  fetched = sh.prefetch_to_device(_gan(source), sharding=sharding)
   for _ in range(3):
     want, got = next(plain), next(fetched)
     _assert_same(want, got)
@@ -59,7 +59,7 @@ def test_prefetch_onto_a_sharded_mesh(source):
 
 
 def test_prefetch_state_is_the_consumers_position(source):
-  fetched = input_bench.prefetch_to_device(_gan(source), size=3)
+  fetched = sh.prefetch_to_device(_gan(source), size=3)
   assert fetched.get_state() is None
   for _ in range(4):
     next(fetched)
@@ -74,7 +74,7 @@ def test_prefetch_state_is_the_consumers_position(source):
 def test_prefetch_of_a_finite_plain_iterator():
   batches = [{"x": np.full((2, 3), i, np.float32), "id": np.array(["a", "b"])}
              for i in range(5)]
-  fetched = input_bench.prefetch_to_device(iter(batches), size=2)
+  fetched = sh.prefetch_to_device(iter(batches), size=2)
   got = list(fetched)
   assert len(got) == 5
   for want, have in zip(batches, got):
@@ -83,7 +83,7 @@ def test_prefetch_of_a_finite_plain_iterator():
     assert isinstance(have["id"], np.ndarray)  # text stays on the host
   assert fetched.get_state() is None  # no state to report
   with pytest.raises(ValueError, match="size 0"):
-    input_bench.prefetch_to_device(iter(batches), size=0)
+    sh.prefetch_to_device(iter(batches), size=0)
 
 
 @pytest.mark.parametrize("kind,prefetch,per_batch", [

@@ -59,7 +59,7 @@ def test_prepare_is_a_fast_no_op_when_built(data_dir):
   assert os.path.getmtime(info) == mtime
   assert version_dir.endswith(os.path.join(
       "phantom_chest_xray", f"s{SIZE}_n{NUM_TRAIN}_t{NUM_TEST}_seed0",
-      "1.1.0"))
+      "1.2.0"))
 
 
 def test_dataset_info(data_dir):

@@ -15,12 +15,14 @@ import sys
 from agcg_jax.errors import UserError
 
 COMMANDS = {
-    "prepare": "prepare the dataset the config describes (data.kind: phantoms, nih) into data.dir",
+    "prepare": "prepare the datasets the config describes (data.kind: phantoms, nih, folders, "
+               "ctr_masks; and eval_data) into data.dir",
     "prepare-phantoms": "the same as `prepare` for data.kind=phantoms (kept for old scripts)",
     "prepare-nih": "prepare an NIH ChestX-ray14 cohort from flags (`prepare` with data.nih does the same)",
     "train-classifier": "train the CNN classifier (resumes from the workdir's checkpoints)",
     "train-ctr": "train the CTR regressor that measures translated hearts (phantoms)",
     "train-gan": "train the AG-CycleGAN: all six networks in one compiled step (resumes)",
+    "train-segmenter": "train the heart-and-lung segmenter, the CTR ruler of outlined radiographs",
     "evaluate": "classifier on original and translated test images, CAM, attention, metrics.json",
     "explain": "figures (paper Fig. 4 and 5) and report.html from an evaluated run",
     "demo": "everything above on built-in phantoms, sized for a CPU",
@@ -173,6 +175,7 @@ DISPATCH = {
     "train-classifier": _train("classifier"),
     "train-ctr": _train("ctr"),
     "train-gan": _train("gan"),
+    "train-segmenter": _train("segmenter"),
     "evaluate": _evaluate,
     "explain": _explain,
     "demo": _demo,

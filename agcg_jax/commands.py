@@ -84,6 +84,12 @@ def _prepare_data(config, workdir: str) -> str:
                                  test_fraction=f.test_fraction, class_map=class_map,
                                  ignore=wd.split_names(f.ignore), normalize=f.normalize,
                                  strict=f.strict, workers=f.workers or None)
+  elif kind == "ctr_masks":
+    from agcg_jax.data import tfds_outlines  # pylint: disable=g-import-not-at-top
+    o = config.data.ctr_masks
+    tfds_outlines.prepare_outlines(o.source, root, size=config.data.image_size, seed=o.seed,
+                                   test_fraction=o.test_fraction, threshold=o.threshold,
+                                   strict=o.strict, normalize=o.normalize)
   else:
     wd.dataset_name(config)  # raises the one-line error naming the kinds
   return wd.dataset_dir(config, workdir)
@@ -138,7 +144,8 @@ def explain(config, workdir: str, images=()) -> str:
 
 
 def demo(config, workdir: str) -> int:
-  """prepare -> classifier -> CTR regressor (phantoms) -> AG-CycleGAN -> evaluate -> report."""
+  """prepare -> classifier -> CTR regressor (phantoms) -> AG-CycleGAN -> segmenter (outlined
+  radiographs) -> evaluate -> report."""
   t0 = time.time()
   main = is_main_process()
   if main:
@@ -146,6 +153,8 @@ def demo(config, workdir: str) -> int:
           flush=True)
   prepare(config, workdir)
   stages = ("classifier", "ctr", "gan") if config.data.kind == "phantoms" else ("classifier", "gan")
+  if wd.masks_config(config) is not None:
+    stages += ("segmenter",)
   for name in stages:
     state, status = train.train_stage(name, config, workdir)
     if status == "stopped":

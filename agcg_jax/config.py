@@ -192,7 +192,7 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = d = ml_collections.ConfigDict()
-  d.kind = "phantoms"          # "phantoms", "nih" or "folders"
+  d.kind = "phantoms"          # "phantoms", "nih", "folders" or "ctr_masks"
   d.dir = ""                   # where `agcg prepare` writes datasets; "" = <workdir>/data. The
                                # dataset used is derived from the options below (workdir.py).
   d.image_size = 256
@@ -218,6 +218,13 @@ def base() -> ml_collections.ConfigDict:
   f.normalize = "none"         # none | equalize (histogram) | clahe (needs scikit-image)
   f.strict = False             # fail on an unreadable image instead of skipping and counting it
   f.workers = 0                # decoding processes; 0: every core
+  d.ctr_masks = o = ml_collections.ConfigDict()  # outlined radiographs (data.kind=ctr_masks)
+  o.source = "../shared/ctr_wingspan"  # png/<id>.png + mask/{heart,left_lung,right_lung}/<id>.png
+  o.test_fraction = 0.25       # held-out share of each class (each file is one patient)
+  o.threshold = 0.5            # label Cardiomegaly iff the drawn CTR > threshold (PA film)
+  o.seed = 0
+  o.strict = False             # fail on a bad case (missing/empty mask, size mismatch) instead of skipping it
+  o.normalize = "none"         # none | equalize | clahe
 
   # Where `agcg evaluate` scores the run: eval_data.kind "" = the test split of `data`;
   # otherwise another dataset described like `data` (at data.image_size), e.g. trained on a
@@ -283,6 +290,18 @@ def base() -> ml_collections.ConfigDict:
   r.width = 32
   r.layers = 3
   r.log_every = 100
+
+  # The heart-and-lung segmenter (segment.py): the CTR ruler of real radiographs, trained on
+  # the training masks of an outlined set (data or eval_data of kind ctr_masks).
+  c.segmenter = sg = ml_collections.ConfigDict()
+  sg.steps = 1000
+  sg.lr = 3e-3
+  sg.width = 8
+  sg.depth = 4
+  sg.patch = 1                 # > 1 folds patches into channels (2 at 128 px costs what 1 does at 64)
+  sg.batch_per_device = 16
+  sg.augment = True            # exposure and framing jitter, masks moved with the image
+  sg.log_every = 50
 
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 32

@@ -30,6 +30,7 @@ from agcg_jax import files
 from agcg_jax import metrics as M
 from agcg_jax import progress as progress_lib
 from agcg_jax import ruler
+from agcg_jax import segment
 from agcg_jax import sharding as sh
 from agcg_jax import state as S
 from agcg_jax import workdir as wd
@@ -57,18 +58,22 @@ def _device_batch(batch: dict) -> dict:
     out["body"] = batch["body_mask"][..., 0].astype(np.float32)
   if "ctr" in batch:
     out["ctr"] = batch["ctr"].astype(np.float32)
+  if "lung_mask" in batch:  # outlined radiographs: the drawn heart and lungs
+    out["heart"] = batch["heart_mask"][..., 0].astype(np.float32)
+    out["lungs"] = batch["lung_mask"][..., 0].astype(np.float32)
   if "has_cardiomegaly_box" in batch:
     out["box"] = batch["cardiomegaly_box"].astype(np.float32)
     out["has_box"] = batch["has_cardiomegaly_box"].astype(np.float32)
   return out
 
 
-def _eval_fn(cls_model, gan_models, ctr_model, *, size, geometry, cam_kind, threshold_grey):
+def _eval_fn(cls_model, gan_models, ctr_model, *, size, geometry, cam_kind, threshold_grey,
+             seg_model=None):
   """The jitted per-batch computation: (sums of every score, maps for the figures).
 
   Every image goes into the other class: No Finding -> Cardiomegaly and back.
   """
-  def fn(cls_params, gan_params, ctr_params, prior, b):
+  def fn(cls_params, gan_params, ctr_params, prior, b, seg_params=None):
     images, labels, valid = b["image"], b["label"], b["valid"]
     x = images[..., 0]
     logits, cams = cam_lib.logits_and_cam(cls_model, cls_params, images)
@@ -130,6 +135,40 @@ def _eval_fn(cls_model, gan_models, ctr_model, *, size, geometry, cam_kind, thre
       add("ruler_both_y1", both * (1.0 - y0))
       if "ctr" in b:
         add("ruler_abs_err", jnp.where(rr["valid"], jnp.abs(rr["ctr"] - b["ctr"]), 0.0))
+
+    if "heart" in b:
+      # Drawn outlines: mass near the heart's lateral borders (they set the CTR) over the
+      # band's share of the thorax; the prior is the mean training band.
+      band = M.lateral_border_band(b["heart"], M.border_width(size))
+      thorax = M.thorax_mask(b["heart"], b["lungs"])
+      maps["prior"] = jnp.broadcast_to(prior, x.shape)
+      add("border_area", M.area(band & thorax))
+      add("thorax_area", M.area(thorax))
+      for name, m in maps.items():
+        pos = M.positive(m)
+        add(f"border_in_{name}", M.region_mass(pos, band & thorax))
+        add(f"border_all_{name}", M.total_mass(pos))
+
+    if seg_model is not None:
+      # The segmenter measures the CTR of the image and of its translation.
+      s_real, v_real = segment.ctr_of(seg_model.apply({"params": seg_params}, images))
+      s_fake, v_fake = segment.ctr_of(seg_model.apply({"params": seg_params}, fake[..., None]))
+      both = v_real & v_fake
+      shift = jnp.where(both, s_fake - s_real, 0.0)
+      add("seg_valid", v_real)
+      add("seg_both", both)
+      add("seg_dir", both & M.direction_correct(s_real, s_fake, labels == 0))
+      add("seg_shift_y0", shift * y0)
+      add("seg_shift_y1", shift * (1.0 - y0))
+      add("seg_both_y0", both * y0)
+      add("seg_both_y1", both * (1.0 - y0))
+      add("seg_cross", both & jnp.where(labels == 0, s_fake > 0.5, s_fake < 0.5))
+      if "ctr" in b:
+        t, r = b["ctr"], jnp.where(v_real, s_real, 0.0)
+        add("seg_abs_err", jnp.where(v_real, jnp.abs(s_real - t), 0.0))
+        add("seg_abs_err_fixed", jnp.where(v_real, jnp.abs(0.5 - t), 0.0))
+        for k, v in (("x", r), ("y", t), ("xx", r * r), ("yy", t * t), ("xy", r * t)):
+          add(f"seg_s{k}", jnp.where(v_real, v, 0.0))
 
     if ctr_model is not None:
       c_real = ctr_model.apply({"params": ctr_params}, images)[:, 0]
@@ -221,6 +260,24 @@ def summarize(sums: dict, box_baselines: dict | None = None) -> dict:
     if "ctr_abs_err" in sums:
       m["ctr_regressor_mae"] = g("ctr_abs_err") / n
       m["ctr_mae_fixed_prior"] = g("ctr_abs_err_fixed") / n
+  if "border_area" in sums:
+    m["heart_border_share"] = M.pooled_ratio(g("border_area"), g("thorax_area"))
+    m["heart_border_enrichment_chance"] = 1.0
+    for name in SCORED_MAPS:
+      m[f"{name}_heart_border_enrichment"] = M.enrichment(
+          g(f"border_in_{name}"), g(f"border_all_{name}"), g("border_area"), g("thorax_area"))
+  if "seg_valid" in sums:
+    m["direction_chance"] = 0.5
+    m["ctr_direction_correct"] = g("seg_dir") / n
+    m["ctr_ruler"] = "segmenter"
+    m["ctr_shift"] = _per_direction(sums, "seg_shift", [g(f"seg_both_y{c}") for c in range(NUM_CLASSES)])
+    m["ctr_crosses_threshold"] = g("seg_cross") / n
+    m["ctr_ruler_measured"] = g("seg_valid") / n
+    if "seg_abs_err" in sums:
+      m["ctr_ruler_mae"] = M.pooled_ratio(g("seg_abs_err"), g("seg_valid"))
+      m["ctr_mae_fixed_prior"] = M.pooled_ratio(g("seg_abs_err_fixed"), g("seg_valid"))
+      m["ctr_ruler_pearson"] = M.pooled_pearson(*(g(f"seg_s{k}") for k in ("x", "y", "xx", "yy", "xy")),
+                                                g("seg_valid"))
   if "n_box" in sums and g("n_box") > 0:
     nb = g("n_box")
     m["num_boxed"] = int(round(nb))
@@ -319,7 +376,8 @@ def _training_priors(ddir: str, size: int, threshold_grey: float, batch_size: in
   """(prior map [S, S], training boxes [M, 4], audit sample) from the *training* split.
 
   Phantoms: the mean truth support of the training images (where hearts
-  usually differ). NIH: the training Cardiomegaly boxes (metrics.box_baselines
+  usually differ). Outlined radiographs: the mean lateral border band of the
+  training hearts (where heart borders usually are). NIH: the training Cardiomegaly boxes (metrics.box_baselines
   turns them into a prior map and a fixed pointer). The audit sample is
   (uint8 images [N, S, S], labels [N]) of at most `audit_images` training
   records, every k-th (a split stored sorted by class is sampled evenly), for
@@ -328,6 +386,7 @@ def _training_priors(ddir: str, size: int, threshold_grey: float, batch_size: in
   source = pipeline.open_source(ddir, "train")
   stride = max(1, -(-len(source) // audit_images)) if audit_images else 0
   support_fn = jax.jit(lambda x, t, b: M.truth_support(x, t, b, threshold_grey).astype(jnp.float32))
+  band_fn = jax.jit(lambda h: M.lateral_border_band(h, M.border_width(size)).astype(jnp.float32))
   total, count, boxes, images, labels = np.zeros((size, size)), 0.0, [], [], []
   position = 0
   for batch in pipeline.eval_batches(source, batch_size=batch_size):
@@ -341,6 +400,9 @@ def _training_priors(ddir: str, size: int, threshold_grey: float, batch_size: in
       sup = support_fn(batch["image"][..., 0], to_float(batch["twin_image"])[..., 0],
                        batch["body_mask"][..., 0])
       total += np.asarray(sup)[valid].sum(0)
+      count += valid.sum()
+    elif "lung_mask" in batch:  # outlined hearts: the mean training border band
+      total += np.asarray(band_fn(batch["heart_mask"][..., 0]))[valid].sum(0)
       count += valid.sum()
     elif "has_cardiomegaly_box" in batch:
       boxes.append(_boxes_of(batch))
@@ -411,16 +473,33 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
     ctr_params, _ = ckpt_lib.restore_params(workdir, "ctr", S.ctr_init_fn(config), mesh, config)
     ctr_params = ctr_params["ctr"]
     ctr_model = S.ctr_model(config)
+  seg_model = seg_params = None
+  if wd.eval_config(config).data.kind == "ctr_masks":
+    g = config.segmenter
+    seg_params, _ = ckpt_lib.restore_params(
+        workdir, "segmenter", segment.segmenter_init_fn(g.width, size, g.lr, g.steps, depth=g.depth,
+                                                        patch=g.patch), mesh, config)
+    seg_params = seg_params[segment.SEG]
+    seg_model = segment.segmenter_model(g.width, g.depth, g.patch)
   fn = jax.jit(_eval_fn(S.classifier_model(config), S.gan_models(config.model), ctr_model,
                         size=size, geometry=trunk_geometry(config.model.cls_layers),
-                        cam_kind=cam_kind, threshold_grey=config.eval.truth_threshold_grey))
+                        cam_kind=cam_kind, threshold_grey=config.eval.truth_threshold_grey,
+                        seg_model=seg_model))
   scored = wd.eval_config(config)
   ddir = wd.dataset_dir(scored, workdir)
   wd.check_image_size(scored, ddir)
   n_local = len(jax.local_devices())
   batch_size = -(-config.eval.batch_size // n_local) * n_local
+  # The audit reads the data the networks learned from: the translation shows what differs
+  # between *those* cohorts (the scored set may be another one, eval_data).
+  trained_on_scored = scored is config
   prior, train_boxes, audit_sample = _training_priors(
-      ddir, size, config.eval.truth_threshold_grey, batch_size, config.eval.audit_images)
+      ddir, size, config.eval.truth_threshold_grey, batch_size,
+      config.eval.audit_images if trained_on_scored else 0)
+  if config.eval.audit_images and not trained_on_scored:
+    _, _, audit_sample = _training_priors(wd.dataset_dir(config, workdir), size,
+                                          config.eval.truth_threshold_grey, batch_size,
+                                          config.eval.audit_images)
   source = pipeline.open_source(ddir, "test")
   examples = _Examples(config.eval.num_figure_examples, cam_kind, size)
   sums, seen, test_boxes, swap = {}, 0, [], _BoxSwap()
@@ -429,7 +508,7 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
   for batch in progress_lib.bar(batches, desc="evaluate", unit="batch",
                                 disable=not (progress and is_main_process())):
     dev = sh.to_global(_device_batch(batch), mesh)
-    s, figure = fn(cls_params, gan_params, ctr_params, prior, dev)
+    s, figure = fn(cls_params, gan_params, ctr_params, prior, dev, seg_params)
     s = jax.device_get(s)
     for k, v in s.items():
       sums[k] = sums.get(k, 0.0) + float(v)

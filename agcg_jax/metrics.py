@@ -288,3 +288,44 @@ def bootstrap_ci(values: np.ndarray, *, level: float = 0.95, resamples: int = 20
   means = v[rng.integers(0, len(v), (resamples, len(v)))].mean(1)
   a = (1 - level) / 2
   return [float(np.quantile(means, a)), float(np.quantile(means, 1 - a))]
+
+
+# ------------------------------------------------------- drawn heart outlines
+
+
+def lateral_border_band(heart: jnp.ndarray, width: int) -> jnp.ndarray:
+  """bool [B, S, S]: pixels within `width` columns of each row's leftmost or rightmost heart pixel.
+
+  The lateral borders are what the cardiothoracic ratio measures (the
+  heart's horizontal extent); rows without heart have no band.
+  """
+  heart = heart.astype(bool)
+  w = heart.shape[-1]
+  cols = jnp.arange(w)
+  any_row = heart.any(-1)                                     # [B, H]
+  left = jnp.argmax(heart, -1)                                # first heart column per row
+  right = w - 1 - jnp.argmax(heart[..., ::-1], -1)            # last heart column per row
+  near = lambda edge: jnp.abs(cols[None, None, :] - edge[..., None]) <= width
+  return any_row[..., None] & (near(left) | near(right))
+
+
+def thorax_mask(heart: jnp.ndarray, lungs: jnp.ndarray) -> jnp.ndarray:
+  """bool [B, S, S]: per row, the pixels between the outermost lung-or-heart pixels (the thorax)."""
+  inside = heart.astype(bool) | lungs.astype(bool)
+  from_left = jnp.cumsum(inside, axis=-1) > 0
+  from_right = jnp.cumsum(inside[..., ::-1], axis=-1)[..., ::-1] > 0
+  return from_left & from_right
+
+
+def border_width(size: int) -> int:
+  """The band's half width in pixels: 2 at 64 px, scaled with the image."""
+  return max(1, round(2 * size / 64))
+
+
+def pooled_pearson(sx, sy, sxx, syy, sxy, n) -> float:
+  """Pearson r from pooled sums of x, y, x², y², xy over n pairs (NaN if undefined)."""
+  if n < 2:
+    return float("nan")
+  cov = sxy / n - (sx / n) * (sy / n)
+  vx, vy = sxx / n - (sx / n) ** 2, syy / n - (sy / n) ** 2
+  return float(cov / np.sqrt(vx * vy)) if vx > 0 and vy > 0 else float("nan")

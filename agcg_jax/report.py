@@ -193,6 +193,28 @@ METRICS = {
         "share in the other test images' boxes (bootstrap 95% interval beside it). 0 = a map "
         "that does not know where this heart is, however well it sits where hearts usually "
         "are (a fixed prior scores 0).") for m in ("attention", "cam", "diff")},
+    # Drawn heart outlines (outlined radiographs).
+    "heart_border_share": (
+        "Heart border band area", "pct",
+        "Pixels within 2 px (at 64 px) of each row's leftmost and rightmost heart pixel, as a "
+        "share of the thorax: the chance level of a map's mass share there."),
+    **{f"{m}_heart_border_enrichment": (
+        f"{_MAP_NAMES[m]} heart-border enrichment", "float",
+        f"Share of the {_MAP_NAMES[m].lower()}'s positive mass in the band around the drawn "
+        "heart's lateral borders (they set the CTR), over the band's share of the thorax; "
+        "1 = chance." + (" Prior = the mean training band: a map that knows only where heart "
+                         "borders usually are." if m == "prior" else ""))
+       for m in _MAPS},
+    "ctr_ruler_mae": (
+        "CTR ruler error (segmenter)", "float",
+        "Mean |CTR read by the heart-and-lung segmenter − CTR of the drawn masks| on the "
+        "held-out images: how far the ruler that measures translated hearts can be trusted."),
+    "ctr_ruler_pearson": (
+        "CTR ruler correlation", "float",
+        "Pearson r between the segmenter's CTR and the drawn CTR on the held-out images."),
+    "ctr_ruler_measured": (
+        "CTR ruler measured", "pct", "Share of test images where the segmenter found a heart "
+        "and lungs."),
     # Confounder audit (audit.py).
     "audit_outside_heart_accuracy": (
         "Label from outside the heart", "pct",
@@ -214,8 +236,9 @@ METRICS = {
 SECTIONS = {
     "num_test": "Classifier and translation",
     "truth_support_share": "Against the counterfactual twins (phantoms)",
-    "ctr_direction_correct": "Cardiothoracic ratio (phantoms)",
+    "ctr_direction_correct": "Cardiothoracic ratio",
     "num_boxed": "Against the radiologists' boxes (NIH)",
+    "heart_border_share": "Against the drawn hearts (outlined radiographs)",
     "audit_outside_heart_accuracy": "Confounder audit (training split)",
 }
 OTHER_SECTION = "Other"
@@ -243,6 +266,10 @@ BASELINES = {
     **{f"{m}_pointing": (("fixed point", "fixed_point_pointing"),)
        for m in ("attention", "cam", "diff")},
     **{f"{m}_box_swap_margin": (("chance", 0.0),) for m in ("attention", "cam", "diff")},
+    **{f"{m}_heart_border_enrichment": (("chance", 1.0), ("prior", "prior_heart_border_enrichment"))
+       for m in _MAPS},
+    "ctr_ruler_mae": (("fixed guess 0.5", "ctr_mae_fixed_prior"),),
+    "ctr_ruler_pearson": (("chance", 0.0),),
     "audit_outside_heart_accuracy": (("majority", "audit_majority_baseline"),),
     "audit_nonimage_accuracy": (("majority", "audit_majority_baseline"),),
 }
@@ -253,7 +280,8 @@ AUDIT_MARGIN = 0.1
 NOT_METRICS = {"confusion_original", "confusion_translated", "class_names", "config",
                "dataset", "date", "device", "image_size", "classifier_step", "gan_step",
                "truth_enrichment_chance", "box_enrichment_chance",
-               "counterfactual_error_identity", "audit_folds", "audit_heart_box",
+               "counterfactual_error_identity", "audit_folds", "heart_border_enrichment_chance",
+               "trained_on", "ctr_ruler", "audit_heart_box",
                "audit_heart_box_source"}
 
 CAM_NOTE = (

@@ -42,6 +42,7 @@ from agcg_jax import workdir as wd
 from agcg_jax import progress as progress_lib
 from agcg_jax import sharding as sh
 from agcg_jax import state as S
+from agcg_jax import segment
 from agcg_jax import steps
 from agcg_jax import checkpoint as ckpt_lib
 from agcg_jax.checkpoint import Checkpointer, abstract_with_shardings
@@ -172,7 +173,7 @@ class Compiled:
 
 
 # Each stage's random streams are its own: the run seed's key folded with the stage's tag.
-_STAGE_TAGS = {"classifier": 0, "gan": 1, "ctr": 2}
+_STAGE_TAGS = {"classifier": 0, "gan": 1, "ctr": 2, "segmenter": 3}
 
 
 def stage_key(seed: int, stage: str) -> jax.Array:
@@ -364,7 +365,37 @@ def ctr_stage(config, workdir: str | None, mesh) -> Stage:
       seed=config.seed)
 
 
-STAGES = {"classifier": classifier_stage, "gan": gan_stage, "ctr": ctr_stage}
+def segmenter_stage(config, workdir: str | None, mesh) -> Stage:
+  """The heart-and-lung segmenter (segment.py): the CTR ruler of real radiographs.
+
+  Trained on the training split of the outlined set the config names (data or
+  eval_data of kind ctr_masks); evaluation measures translated hearts with it.
+  """
+  masks = wd.masks_config(config)
+  if masks is None:
+    raise UserError("train-segmenter needs outlined radiographs: data.kind or eval_data.kind "
+                    "must be 'ctr_masks'")
+  source = _train_source(masks, workdir)
+  g = config.segmenter
+  model = segment.segmenter_model(g.width, g.depth, g.patch)
+  return Stage(
+      name="segmenter",
+      init_fn=segment.segmenter_init_fn(g.width, config.data.image_size, g.lr, g.steps,
+                                        depth=g.depth, patch=g.patch),
+      step_fn=functools.partial(
+          segment.segmenter_train_step, model=model,
+          augment_key=stage_key(config.seed, "segmenter") if g.augment else None),
+      make_batches=lambda b, i, n: pipeline.classifier_batches(
+          source, batch_size=b, seed=stage_seed(config.seed, "segmenter"), shard_index=i,
+          shard_count=n, fields=("heart_mask", "lung_mask", "ctr"),
+          worker_count=config.data.workers),
+      global_batch=sh.global_batch_size(g.batch_per_device, 0, mesh, "segmenter"),
+      total_steps=g.steps, log_every=g.log_every, ckpt_every=max(g.steps, 1), keep=1,
+      seed=config.seed)
+
+
+STAGES = {"classifier": classifier_stage, "gan": gan_stage, "ctr": ctr_stage,
+          "segmenter": segmenter_stage}
 
 
 def train_stage(name: str, config, workdir: str, mesh=None, progress: bool = True):

@@ -24,19 +24,21 @@ import ml_collections
 from agcg_jax import config as config_lib
 from agcg_jax.errors import UserError
 
-STAGES = ("classifier", "gan", "ctr")
+STAGES = ("classifier", "gan", "ctr", "segmenter")
 # Config sections that define each stage's training; a workdir trained with
 # other values for these refuses to resume.
 STAGE_SECTIONS = {
     "classifier": ("seed", "data", "classifier"),
     "gan": ("seed", "data", "gan"),
     "ctr": ("seed", "data", "ctr"),
+    "segmenter": ("seed", "data", "eval_data", "segmenter"),
 }
 MODEL_FIELDS = {
     "classifier": ("dtype", "cls_width", "cls_layers"),
     "gan": ("dtype", "padding", "gen_width", "gen_down", "gen_res", "gen_upsample",
             "att_width", "att_dilations", "dis_width", "dis_layers", "dis_sigmoid"),
     "ctr": ("dtype",),  # its widths live in config.ctr (recorded with that section)
+    "segmenter": (),    # its widths live in config.segmenter
 }
 # Fields of a stage's own section that may differ from its record: they change
 # how long the run is, or how often it logs and saves, never what it learns
@@ -73,7 +75,12 @@ def dataset_name(config) -> tuple[str, str, str]:
     layout = folders.layout_of(f.source, split_names(f.ignore))
     return b.name, folders.config_name(d.image_size, f.normalize, layout, f.test_fraction,
                                        f.seed), str(b.VERSION)
-  raise UserError(f"data.kind must be 'phantoms', 'nih' or 'folders', not {d.kind!r}")
+  if d.kind == "ctr_masks":
+    from agcg_jax.data import tfds_outlines  # pylint: disable=g-import-not-at-top
+    o, b = d.ctr_masks, tfds_outlines.OutlinedChestXray
+    return b.name, tfds_outlines.config_name(d.image_size, o.seed, o.test_fraction, o.threshold,
+                                             o.normalize), str(b.VERSION)
+  raise UserError(f"data.kind must be 'phantoms', 'nih', 'folders' or 'ctr_masks', not {d.kind!r}")
 
 
 def split_names(text: str) -> tuple[str, ...]:
@@ -89,6 +96,14 @@ def eval_config(config):
   out.data = out.eval_data
   out.data.image_size = config.data.image_size  # the size the networks are built for
   return out
+
+
+def masks_config(config):
+  """The config whose `data` is an outlined set (kind ctr_masks): `config` or its eval_config; or None."""
+  for c in (config, eval_config(config)):
+    if c.data.kind == "ctr_masks":
+      return c
+  return None
 
 
 def dataset_dir(config, workdir: str, must_exist: bool = True) -> str:
@@ -155,9 +170,21 @@ def explained_dir(workdir: str | os.PathLike) -> str:
 # --------------------------------------------------- a stage's config record
 
 
+# Sub-sections of `data` (and `eval_data`) that describe one kind each: only the active kind's
+# is part of a run's record, so options of kinds a run does not use never block it.
+KIND_SECTIONS = ("nih", "folders", "ctr_masks")
+
+
+def _active_kind_only(data: dict) -> dict:
+  return {k: v for k, v in data.items() if k not in KIND_SECTIONS or k == data.get("kind")}
+
+
 def stage_record(config, stage: str) -> dict[str, Any]:
   """What `<stage>/config.json` holds: the stage's sections and the fields of its networks."""
   sections = dict(config_lib.section_dict(config, STAGE_SECTIONS[stage]))
+  for name in ("data", "eval_data"):
+    if name in sections:
+      sections[name] = _active_kind_only(sections[name])
   sections["model"] = json.loads(json.dumps({k: config.model[k] for k in MODEL_FIELDS[stage]},
                                             default=list))
   return sections
@@ -166,6 +193,9 @@ def stage_record(config, stage: str) -> dict[str, Any]:
 def _may_change(stage: str):
   def allowed(key, recorded, current) -> bool:
     section, _, field = key.partition(".")
+    if (section in ("data", "eval_data") and field.partition(".")[0] in KIND_SECTIONS
+        and current is None):
+      return True  # an older record listed every kind's options: drop the unused ones
     if section != stage or field not in RESUMABLE_FIELDS:
       return False
     if field == "steps":

@@ -243,3 +243,21 @@ def test_bootstrap_interval_contains_the_mean_and_narrows_with_more_data():
   assert lo < small.mean() < hi
   lo2, hi2 = M.bootstrap_ci(large)
   assert hi2 - lo2 < (hi - lo) / 4 and lo2 > 0
+
+
+def test_lateral_border_band_and_thorax_by_hand():
+  heart = np.zeros((1, 6, 8), bool)
+  heart[0, 2:4, 3:6] = True  # rows 2-3, columns 3..5
+  band = np.asarray(M.lateral_border_band(jnp.asarray(heart), 1))[0]
+  assert band[:2].sum() == 0 and band[4:].sum() == 0  # no heart, no band
+  np.testing.assert_array_equal(np.nonzero(band[2])[0], [2, 3, 4, 5, 6])  # 3±1 and 5±1
+  lungs = np.zeros((1, 6, 8), bool)
+  lungs[0, 1:5, 0] = True
+  lungs[0, 1:5, 7] = True
+  thorax = np.asarray(M.thorax_mask(jnp.asarray(heart), jnp.asarray(lungs)))[0]
+  assert thorax[1:5].all() and not thorax[0].any() and not thorax[5].any()
+  assert M.border_width(64) == 2 and M.border_width(128) == 4
+  x = np.array([0.4, 0.5, 0.6, 0.7])
+  y = 2 * x + 0.1
+  assert abs(M.pooled_pearson(x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum(), 4)
+             - 1.0) < 1e-9

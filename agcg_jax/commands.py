@@ -72,7 +72,7 @@ def _prepare_data(config, workdir: str) -> str:
                       "with Data_Entry_2017*.csv beside images/)")
     prepare_nih(n.source, root, size=config.data.image_size, views=n.views, split=n.split,
                 balance=n.balance, seed=n.seed, strict=n.strict, workers=n.workers or None,
-                normalize=n.normalize)
+                normalize=n.normalize, controls=n.controls)
   elif kind == "folders":
     from agcg_jax.data import tfds_folders  # pylint: disable=g-import-not-at-top
     f = config.data.folders

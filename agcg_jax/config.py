@@ -208,6 +208,7 @@ def base() -> ml_collections.ConfigDict:
   n.strict = False             # fail on a missing or unreadable image instead of skipping it
   n.workers = 0                # conversion processes; 0: every core
   n.normalize = "none"         # none | equalize | clahe: intensity normalisation in the records
+  n.controls = ""              # cohort controls, comma-separated: one_per_patient, match_age_sex
   d.folders = f = ml_collections.ConfigDict()  # class folders: <source>/<class>/*.png (data.kind=folders)
   f.source = ""                # the root; <source>/{train,test}/<class>/ keeps its own split
   f.no_finding = "no_finding,no finding,normal"  # folder names of class 0, comma-separated

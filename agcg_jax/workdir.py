@@ -67,7 +67,7 @@ def dataset_name(config) -> tuple[str, str, str]:
     from agcg_jax.data import tfds_nih  # pylint: disable=g-import-not-at-top
     n, b = d.nih, tfds_nih.NihChestXray14
     return b.name, nih.config_name(d.image_size, n.views, n.split, n.balance,
-                                   n.seed, n.normalize), str(b.VERSION)
+                                   n.seed, n.normalize, n.controls), str(b.VERSION)
   if d.kind == "folders":
     from agcg_jax.data import folders  # pylint: disable=g-import-not-at-top
     from agcg_jax.data import tfds_folders  # pylint: disable=g-import-not-at-top

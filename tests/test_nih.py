@@ -496,3 +496,36 @@ def test_default_options_build_through_the_cli(tmp_path):
   assert os.path.isfile(os.path.join(out, "nih_chest_xray14",
                                      "size256_both_patient_undersample_seed0", "1.0.0",
                                      "dataset_info.json"))
+
+
+def test_cohort_controls_one_image_per_patient_and_age_sex_matching():
+  plain = nih.build_cohort(FIXTURE, split="paper")
+  one = nih.build_cohort(FIXTURE, split="paper", controls="one_per_patient")
+  patients = [e.patient for e in one.entries]
+  assert len(patients) == len(set(patients)) == len({e.patient for e in plain.entries})
+  # A patient with a Cardiomegaly image keeps a Cardiomegaly image.
+  cm_patients = {e.patient for e in plain.entries if e.label == 1}
+  assert {e.patient for e in one.entries if e.label == 1} == cm_patients
+  matched = nih.build_cohort(FIXTURE, split="paper", controls="match_age_sex")
+  band = lambda e: (e.age // nih.AGE_BAND, e.sex)
+  for key in {band(e) for e in matched.entries}:
+    nf = sum(1 for e in matched.entries if band(e) == key and e.label == 0)
+    cm = sum(1 for e in matched.entries if band(e) == key and e.label == 1)
+    assert nf <= cm
+  assert matched.controls["after"]["Cardiomegaly"] == matched.controls["before"]["Cardiomegaly"]
+  assert all(e.sex in ("M", "F") for e in plain.entries)
+  assert nih.config_name(64, "both", "paper", "none", 0, "equalize",
+                         "match_age_sex,one_per_patient") == \
+      "size64_both_paper_none_seed0_equalize_onepp_agesex"
+  with pytest.raises(UserError, match="use any of"):
+    nih.parse_controls("match_bmi")
+
+
+@pytest.mark.skipif(not os.path.isdir(SAMPLE), reason="../shared/nih_sample is absent")
+def test_age_sex_matching_on_the_real_sample_removes_the_age_shift():
+  plain = nih.build_cohort(SAMPLE, split="paper")
+  matched = nih.build_cohort(SAMPLE, split="paper", controls="match_age_sex")
+  gap = lambda es: abs(np.mean([e.age for e in es if e.label == 1 and e.age >= 0])
+                       - np.mean([e.age for e in es if e.label == 0 and e.age >= 0]))
+  assert gap(matched.entries) <= gap(plain.entries) + 1e-9
+  assert gap(matched.entries) < 5.0

@@ -21,7 +21,7 @@ import csv
 import dataclasses
 import os
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -61,6 +61,7 @@ class Entry:
   age: int           # years; -1 where the label file has no number
   view: str          # "PA" or "AP"
   split: str = ""    # "train" / "test"; "" when no official list names it
+  sex: str = ""      # "M" / "F" from "Patient Gender" ("" where the file has no such column)
 
 
 @dataclasses.dataclass
@@ -84,6 +85,7 @@ class Cohort:
   paths: dict[str, str]             # present image name -> path
   boxes: dict[str, list[Box]]
   unlisted: int = 0                 # official split: cohort rows in no list
+  controls: dict | None = None      # control_cohort's report (None: no controls)
 
   def counts(self, present: bool = False) -> dict[str, dict[str, int]]:
     """{"train" | "test" | "all": {class name: images}}."""
@@ -163,6 +165,7 @@ def read_label_file(path: str, views: str = "both") -> tuple[int, list[Entry]]:
         raise UserError(f"label file {path} lacks the columns "
                         f"{', '.join(repr(c) for c in missing)}")
       col = {c: header.index(c) for c in REQUIRED_COLUMNS}
+      sex_col = header.index("Patient Gender") if "Patient Gender" in header else None
       width = max(col.values()) + 1
       entries, seen, rows = [], set(), 0
       for line, row in enumerate(reader, start=2):
@@ -194,7 +197,9 @@ def read_label_file(path: str, views: str = "both") -> tuple[int, list[Entry]]:
                           ) from None
         entries.append(Entry(name=name, label=label, patient=patient,
                              age=_parse_age(row[col["Patient Age"]]),
-                             view=view))
+                             view=view,
+                             sex=(row[sex_col].strip().upper()
+                                  if sex_col is not None and sex_col < len(row) else "")))
   except UnicodeDecodeError:
     raise UserError(f"label file {path} is not a text CSV file") from None
   except csv.Error as e:
@@ -331,14 +336,71 @@ def check_options(size, views, split, balance, seed, workers):
     raise UserError(f"--workers must be a positive integer, not {workers!r}")
 
 
+# Cohort controls (`controls`, comma-separated): what else than the disease may separate the
+# two cohorts is taken out before the split.
+CONTROL_OPTIONS = ("one_per_patient", "match_age_sex")
+AGE_BAND = 10  # years
+
+
+def parse_controls(controls: str) -> tuple[str, ...]:
+  """"match_age_sex, one_per_patient" -> the known controls in CONTROL_OPTIONS order."""
+  names = {c.strip() for c in str(controls or "").split(",") if c.strip()}
+  unknown = sorted(names - set(CONTROL_OPTIONS))
+  if unknown:
+    raise UserError(f"cohort controls {unknown}: use any of {', '.join(CONTROL_OPTIONS)}")
+  return tuple(c for c in CONTROL_OPTIONS if c in names)
+
+
+def control_cohort(entries: list[Entry], controls: Sequence[str],
+                   seed: int) -> tuple[list[Entry], dict]:
+  """Applies the cohort controls to the label file's cohort rows.
+
+  one_per_patient: one image per patient: a patient with any Cardiomegaly
+    image keeps the first of those (by file name), others their first No
+    Finding image; follow-ups of one patient are not independent samples.
+  match_age_sex: in every (10-year age band, sex) stratum at most as many No
+    Finding images as Cardiomegaly images (a seeded draw), so age and sex no
+    longer predict the label; strata without Cardiomegaly keep no No Finding.
+
+  Returns:
+    (kept entries in file order, {"controls", "before", "after"} counts by class).
+  """
+  count = lambda es: {records.CLASS_NAMES[c]: sum(e.label == c for e in es) for c in (0, 1)}
+  report = {"controls": list(controls), "before": count(entries)}
+  kept = list(entries)
+  if "one_per_patient" in controls:
+    by_patient = collections.defaultdict(list)
+    for e in kept:
+      by_patient[e.patient].append(e)
+    chosen = {id(min(es, key=lambda e: (-e.label, e.name))) for es in by_patient.values()}
+    kept = [e for e in kept if id(e) in chosen]
+  if "match_age_sex" in controls:
+    stratum = lambda e: (e.age // AGE_BAND if e.age >= 0 else -1, e.sex)
+    strata = collections.defaultdict(lambda: ([], []))
+    for e in kept:
+      strata[stratum(e)][e.label].append(e)
+    chosen = set()
+    for i, key in enumerate(sorted(strata)):
+      nf, cm = strata[key]
+      chosen |= {id(e) for e in cm}
+      nf = sorted(nf, key=lambda e: e.name)
+      for j in seeded_rng(seed, 4, i).permutation(len(nf))[:len(cm)]:
+        chosen.add(id(nf[j]))
+    kept = [e for e in kept if id(e) in chosen]
+  report["after"] = count(kept)
+  return kept, report
+
+
 def build_cohort(data_dir: str, *, views: str = "both",
-                 split: str = "patient", seed: int = 0) -> Cohort:
+                 split: str = "patient", seed: int = 0, controls: str = "") -> Cohort:
   """Reads the label, box and split files and lists the present images.
 
   Reads no image. Counts over the label file (`Cohort.counts()`) do not
-  depend on which images are present.
+  depend on which images are present. `controls` (CONTROL_OPTIONS,
+  comma-separated) are applied before the split (`control_cohort`).
   """
   check_options(8, views, split, BALANCE_OPTIONS[0], seed, None)
+  controls = parse_controls(controls)
   data_dir = os.fspath(data_dir)
   if not os.path.isdir(data_dir):
     raise UserError(f"--data-dir {data_dir} is not a folder")
@@ -347,6 +409,9 @@ def build_cohort(data_dir: str, *, views: str = "both",
   if not entries:
     raise UserError(f"empty cohort: no {CARDIOMEGALY} or {NO_FINDING} image "
                     f"with --views {views} in {label_file}")
+  control_report = None
+  if controls:
+    entries, control_report = control_cohort(entries, controls, seed)
   unlisted = assign_splits(entries, split, seed, data_dir)
   layout, paths = find_images(data_dir)
   bbox_file = os.path.join(data_dir, BBOX_FILE_NAME)
@@ -356,7 +421,7 @@ def build_cohort(data_dir: str, *, views: str = "both",
     bbox_file, boxes = None, {}
   return Cohort(data_dir=data_dir, layout=layout, label_file=label_file,
                 bbox_file=bbox_file, label_rows=rows, entries=entries,
-                paths=paths, boxes=boxes, unlisted=unlisted)
+                paths=paths, boxes=boxes, unlisted=unlisted, controls=control_report)
 
 
 # ---------------------------------------------------------------------------
@@ -364,10 +429,14 @@ def build_cohort(data_dir: str, *, views: str = "both",
 
 
 def config_name(size: int, views: str, split: str, balance: str,
-                seed: int, normalize: str = "none") -> str:
-  """The TFDS config name, e.g. "size256_both_patient_undersample_seed0" (+ "_equalize")."""
+                seed: int, normalize: str = "none", controls: str = "") -> str:
+  """The TFDS config name, e.g. "size256_both_patient_undersample_seed0" (+ "_equalize",
+  + "_onepp_agesex" for the cohort controls)."""
   name = f"size{size}_{views.lower()}_{split}_{balance}_seed{seed}"
-  return name if normalize == "none" else f"{name}_{normalize}"
+  if normalize != "none":
+    name += f"_{normalize}"
+  short = {"one_per_patient": "onepp", "match_age_sex": "agesex"}
+  return "_".join([name] + [short[c] for c in parse_controls(controls)])
 
 
 def balanced_counts(train_counts: dict[str, int]) -> dict[str, int]:

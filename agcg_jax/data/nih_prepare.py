@@ -195,8 +195,8 @@ Examples = dict[str, list[dict[str, Any]]]
 def prepare_examples(data_dir: str, cache_dir: str, *, size: int = 256,
                      views: str = "both", split: str = "patient",
                      balance: str = "undersample", seed: int = 0,
-                     strict: bool = False, workers: int | None = None
-                     ) -> tuple[Examples, dict[str, Any]]:
+                     strict: bool = False, workers: int | None = None,
+                     controls: str = "") -> tuple[Examples, dict[str, Any]]:
   """Cohort, split, balance and image conversion into `cache_dir`.
 
   Undersampling ranks each class's training images by a seeded shuffle and
@@ -210,7 +210,7 @@ def prepare_examples(data_dir: str, cache_dir: str, *, size: int = 256,
   """
   nih.check_options(size, views, split, balance, seed, workers)
   start = time.perf_counter()
-  cohort = nih.build_cohort(data_dir, views=views, split=split, seed=seed)
+  cohort = nih.build_cohort(data_dir, views=views, split=split, seed=seed, controls=controls)
   cohort_s = time.perf_counter() - start
   missing = cohort.missing()
   if strict and missing:
@@ -316,7 +316,9 @@ def prepare_examples(data_dir: str, cache_dir: str, *, size: int = 256,
       "dataset": "nih_chest_xray14",
       "options": {"data_dir": os.path.abspath(cohort.data_dir), "size": size,
                   "views": views, "split": split, "balance": balance,
-                  "seed": seed, "strict": strict, "workers": workers},
+                  "seed": seed, "strict": strict, "workers": workers,
+                  "controls": list(nih.parse_controls(controls))},
+      "controls": cohort.controls,
       "layout": cohort.layout,
       "label_file": os.path.abspath(cohort.label_file),
       "bbox_file": cohort.bbox_file and os.path.abspath(cohort.bbox_file),

@@ -66,17 +66,18 @@ class NihConfig(tfds.core.BuilderConfig):
   balance: str = "undersample"
   seed: int = 0
   normalize: str = "none"
+  controls: str = ""
 
   @classmethod
   def make(cls, *, size: int = 256, views: str = "both",
            split: str = "patient", balance: str = "undersample",
-           seed: int = 0, normalize: str = "none") -> "NihConfig":
+           seed: int = 0, normalize: str = "none", controls: str = "") -> "NihConfig":
     return cls(
-        name=nih.config_name(size, views, split, balance, seed, normalize),
+        name=nih.config_name(size, views, split, balance, seed, normalize, controls),
         description=(f"{size}x{size} grayscale, views {views}, split {split}, "
                      f"train balance {balance}, seed {seed}, intensity {normalize}"),
         size=size, views=views, split=split, balance=balance, seed=seed,
-        normalize=normalize)
+        normalize=normalize, controls=",".join(nih.parse_controls(controls)))
 
 
 class NihChestXray14(tfds.core.GeneratorBasedBuilder):
@@ -162,7 +163,7 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
           os.path.join(os.fspath(dl_manager.download_dir), "nih_cache",
                        f"size{cfg.size}"),
           size=cfg.size, views=cfg.views, split=cfg.split,
-          balance=cfg.balance, seed=cfg.seed)
+          balance=cfg.balance, seed=cfg.seed, controls=cfg.controls)
       self.info.metadata.update(_metadata(self._prepared[1]))
     examples = self._prepared[0]
     return {s: self._generate_examples(examples[s]) for s in nih.SPLIT_NAMES}
@@ -203,7 +204,7 @@ def prepare_nih(data_dir: str, out_dir: str, *, size: int = 256,
                 views: str = "both", split: str = "patient",
                 balance: str = "undersample", seed: int = 0,
                 strict: bool = False, workers: int | None = None,
-                normalize: str = "none") -> dict[str, Any]:
+                normalize: str = "none", controls: str = "") -> dict[str, Any]:
   """Prepares the TFDS dataset `nih_chest_xray14` from an NIH download.
 
   Safe to re-run: converted images are reused from `<out_dir>/cache/`, and a
@@ -227,6 +228,8 @@ def prepare_nih(data_dir: str, out_dir: str, *, size: int = 256,
     normalize: intensity normalisation applied when the records are written
       ("none", "equalize", "clahe": images.normalize_image); the cache keeps
       the converted images, so options share it.
+    controls: cohort controls, comma-separated (nih.CONTROL_OPTIONS:
+      one_per_patient, match_age_sex), applied before the split.
 
   Returns:
     The report also written to `<out_dir>/cohort.json`, with `tfds_dir`, the
@@ -244,10 +247,10 @@ def prepare_nih(data_dir: str, out_dir: str, *, size: int = 256,
   cache_dir = os.path.join(out_dir, "cache", f"size{size}")
   examples, report = nih_prepare.prepare_examples(
       data_dir, cache_dir, size=size, views=views, split=split,
-      balance=balance, seed=seed, strict=strict, workers=workers)
+      balance=balance, seed=seed, strict=strict, workers=workers, controls=controls)
   report["options"]["normalize"] = normalize
   config = NihConfig.make(size=size, views=views, split=split,
-                          balance=balance, seed=seed, normalize=normalize)
+                          balance=balance, seed=seed, normalize=normalize, controls=controls)
   # TFDS refuses a config object named like a registered one: pass the name then.
   registered = {c.name for c in NihChestXray14.BUILDER_CONFIGS}
   builder = NihChestXray14(

@@ -167,6 +167,19 @@ def _demo(config, workdir, args):
   return commands.demo(config, workdir)
 
 
+def _compilation_cache(workdir: str) -> None:
+  """XLA's persistent compilation cache in <workdir>/compile_cache: a re-run does not recompile.
+
+  $JAX_COMPILATION_CACHE_DIR, when set, wins (the test suite shares one).
+  """
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir),
+                                                              "compile_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 # Command -> fn(config, workdir, args) -> exit status. Imports are deferred so
 # that `agcg --help` and argument errors stay instant.
 DISPATCH = {
@@ -206,6 +219,7 @@ def run(argv=None) -> int:
   def dispatch():
     if args.workdir is not None:
       os.makedirs(args.workdir, exist_ok=True)
+      _compilation_cache(args.workdir)
     return DISPATCH[args.command](config, args.workdir, args)
   return commands.guard_writes(args.command, args.workdir, dispatch)
 

@@ -7,6 +7,7 @@
       <stage>/config.json                  the config sections the stage was trained with
       <stage>/tensorboard/                 the same scalars as TensorBoard event files
       eval/examples.npz                    the figure cases (examples.ExampleMaps)
+      compile_cache/                       XLA's persistent compilation cache (a re-run does not recompile)
       metrics.json                         what `agcg evaluate` measured
       figures/, report.html                what `agcg explain` drew
       explained/                           `agcg explain --image` outputs

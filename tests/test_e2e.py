@@ -179,3 +179,15 @@ def test_image_size_other_than_the_prepared_data_is_one_line(tiny_run):
   # The dataset a config opens is named by its options: another size is another dataset.
   assert_one_line_error(proc, "s64_n32_t16_seed0", "it holds phantom_chest_xray/s32_n32_t16_seed0",
                         "agcg prepare")
+
+
+@pytest.mark.slow
+def test_a_rerun_finds_its_compilations_in_the_workdir(tmp_path, data_dir):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  workdir = str(tmp_path / "run")
+  proc = subprocess.run([sys.executable, "-m", "agcg_jax.cli", "train-classifier", "--config", TINY,
+                         "--workdir", workdir, f"--config.data.dir={data_dir}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cache = os.path.join(workdir, "compile_cache")
+  assert os.path.isdir(cache) and os.listdir(cache)

@@ -414,7 +414,29 @@ def _training_priors(ddir: str, size: int, threshold_grey: float, batch_size: in
   return prior, (np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)), sample
 
 
-def _audit(sample, prior, boxes: np.ndarray, size: int, seed: int) -> dict:
+# Non-image fields the audit reads where a dataset's records carry them (NIH: from the label file).
+AUDIT_FIELDS = ("view", "sex", "age")
+
+
+def _audit_fields(ddir: str, n: int, audit_images: int) -> dict | None:
+  """{field: values} of the audit sample's records (the same every-k-th records), or None."""
+  source = pipeline.open_source(ddir, "train")
+  if not len(source) or not audit_images:
+    return None
+  first = source[0]
+  names = [f for f in AUDIT_FIELDS if f in first]
+  if not names:
+    return None
+  stride = max(1, -(-len(source) // audit_images))
+  rows = [source[int(i)] for i in np.arange(0, len(source), stride)[:n]]
+  decode = lambda v: v.decode() if isinstance(v, bytes) else v
+  out = {f: [decode(r[f]) for r in rows] for f in names}
+  if "age" in out:  # 10-year bands, as the cohort controls match them
+    out["age"] = [f"{int(a) // 10 * 10}s" if int(a) >= 0 else "unknown" for a in out["age"]]
+  return out
+
+
+def _audit(sample, prior, boxes: np.ndarray, size: int, seed: int, fields=None) -> dict:
   """The confounder audit (audit.py) of the training sample, with the heart region it blanked."""
   images, labels = sample
   box, source = audit_lib.heart_box_of_prior(prior), "prior"
@@ -422,7 +444,7 @@ def _audit(sample, prior, boxes: np.ndarray, size: int, seed: int) -> dict:
     box, source = audit_lib.heart_box_of_boxes(boxes, size), "boxes"
   if box is None:
     box, source = audit_lib.STAND_IN_HEART_BOX, "stand-in (mean NIH sample box)"
-  out = audit_lib.audit(images, labels, box_xyxy_fraction=box, seed=seed)
+  out = audit_lib.audit(images, labels, box_xyxy_fraction=box, seed=seed, fields=fields)
   out.update({"audit_images": int(len(labels)), "audit_heart_box": [round(v, 4) for v in box],
               "audit_heart_box_source": source})
   return out
@@ -533,7 +555,9 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
   if config.eval.audit_images:
     box_rows = train_boxes if len(train_boxes) else (
         _gather_rows(np.concatenate(test_boxes)) if test_boxes else train_boxes)
-    metrics.update(_audit(audit_sample, prior, box_rows, size, config.seed))
+    audit_ddir = ddir if trained_on_scored else wd.dataset_dir(config, workdir)
+    fields = _audit_fields(audit_ddir, len(audit_sample[1]), config.eval.audit_images)
+    metrics.update(_audit(audit_sample, prior, box_rows, size, config.seed, fields))
   metrics.update({
       "cam_kind": cam_kind,
       "dataset": wd.eval_config(config).data.kind,

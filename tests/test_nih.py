@@ -332,7 +332,7 @@ def test_dataset_read_back(prepared):
     assert json.load(f) == report
   assert report["tfds_dir"].endswith(
       os.path.join("nih_chest_xray14",
-                   "size64_both_paper_none_seed0", "1.0.0"))
+                   "size64_both_paper_none_seed0", "1.1.0"))
   cohort = nih.build_cohort(FIXTURE, split="paper")
   truth = {e.name: e for e in cohort.entries}
   seen = set()
@@ -461,7 +461,7 @@ def test_prepare_from_the_config_names_the_dataset_the_config_trains_on(tmp_path
                   f"--config.data.nih.source={FIXTURE}", *overrides]) == 0
   config = config_lib.apply_overrides(config_lib.base(), [o[len("--config."):] for o in overrides])
   path = wd.dataset_dir(config, str(tmp_path / "run"))
-  assert path.endswith(os.path.join("size32_both_official_undersample_seed0", "1.0.0"))
+  assert path.endswith(os.path.join("size32_both_official_undersample_seed0", "1.1.0"))
   # Another cohort option names another dataset: not prepared, and the error says what is there.
   other = config_lib.apply_overrides(config, ["data.nih.balance=none"])
   with pytest.raises(UserError, match="size32_both_official_undersample_seed0"):
@@ -494,7 +494,7 @@ def test_default_options_build_through_the_cli(tmp_path):
     cohort = json.load(f)
   assert cohort["options"]["split"] == "patient" and cohort["options"]["size"] == 256
   assert os.path.isfile(os.path.join(out, "nih_chest_xray14",
-                                     "size256_both_patient_undersample_seed0", "1.0.0",
+                                     "size256_both_patient_undersample_seed0", "1.1.0",
                                      "dataset_info.json"))
 
 

@@ -41,6 +41,11 @@ def test_nih_fixture_trains_and_is_scored_against_expert_boxes(tmp_path, tiny_co
   if m["num_boxed"] >= 2:
     assert 0.0 <= m["fixed_point_pointing"] <= 1.0
     assert "leave-one-out" in m["box_baseline_source"]
+  # The confounder audit reads the label file's fields the records carry (view, sex, age band).
+  for k in ("audit_nonimage_accuracy", "audit_outside_heart_accuracy", "audit_majority_baseline"):
+    assert k in m and (m[k] is None or 0.0 <= m[k] <= 1.0), k
+  if m["num_boxed"] >= 2:
+    assert np.isfinite(m["attention_box_swap_margin"]) and len(m["attention_box_swap_margin_ci"]) == 2
   # No phantom ground truth here: no CTR or truth numbers are made up.
   assert not any(k.startswith(("ctr_", "truth_")) or "_truth_" in k for k in m)
   page = open(report.write_report(workdir)).read()

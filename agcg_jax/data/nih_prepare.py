@@ -297,7 +297,7 @@ def prepare_examples(data_dir: str, cache_dir: str, *, size: int = 256,
       r = results[e.name]
       kinds[images.conversion_kind(r["mode"])] += 1
       ex = {"id": e.name, "label": e.label, "patient": e.patient,
-            "age": e.age, "view": e.view, "cache": task(e)[2],
+            "age": e.age, "view": e.view, "sex": e.sex, "cache": task(e)[2],
             "source_size": r["source_size"]}
       ex.update(_scaled_boxes(cohort.boxes.get(e.name, []),
                               r["source_size"], size))

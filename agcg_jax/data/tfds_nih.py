@@ -84,8 +84,9 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
   """NIH ChestX-ray14: Cardiomegaly vs No Finding, with expert boxes."""
 
   name = "nih_chest_xray14"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Patient sex (for the confounder audit and cohort controls)."}
   BUILDER_CONFIGS = [NihConfig.make()]
   DEFAULT_CONFIG_NAME = BUILDER_CONFIGS[0].name
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -139,6 +140,7 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
             "patient": tfds.features.Tensor(shape=(), dtype=np.int64),
             "view": tfds.features.Text(),
             "age": tfds.features.Tensor(shape=(), dtype=np.int32),
+            "sex": tfds.features.Text(),
             "boxes": tfds.features.Tensor(shape=(nih.MAX_BOXES, 4),
                                           dtype=np.float32),
             "box_labels": tfds.features.Tensor(shape=(nih.MAX_BOXES,),
@@ -192,6 +194,7 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
           "patient": np.int64(ex["patient"]),
           "view": ex["view"],
           "age": np.int32(ex["age"]),
+          "sex": ex.get("sex", ""),
           "boxes": boxes,
           "box_labels": box_labels,
           "num_boxes": np.int32(n),

@@ -183,6 +183,10 @@ METRICS = {
         "Mean box area / image area: the chance level of a map's mass share in the box."),
     **{f"{m}_box_enrichment": _box_enrichment(m) for m in _MAPS},
     **{f"{m}_pointing": _pointing(m) for m in ("attention", "cam", "diff")},
+    "gaussian_prior_box_enrichment": (
+        "Gaussian prior box enrichment", "float",
+        "A Gaussian at the mean box centre (sigmas: the mean box's half sizes) scored like "
+        "every map: a smooth map of where heart boxes usually are."),
     "fixed_point_pointing": (
         "Fixed-point pointing game", "pct",
         "The pointing game of one fixed point, the mean training box centre: the trivial "
@@ -261,7 +265,8 @@ BASELINES = {
     "ctr_direction_correct": (("chance", "direction_chance"),),
     "ctr_direction_correct_model_free": (("chance", "direction_chance"),
                                          ("ceiling", "ruler_twin_order")),
-    **{f"{m}_box_enrichment": (("chance", 1.0), ("prior", "prior_box_enrichment"))
+    **{f"{m}_box_enrichment": (("chance", 1.0), ("prior", "prior_box_enrichment"),
+                               ("Gaussian prior", "gaussian_prior_box_enrichment"))
        for m in _MAPS},
     **{f"{m}_pointing": (("fixed point", "fixed_point_pointing"),)
        for m in ("attention", "cam", "diff")},

@@ -261,3 +261,14 @@ def test_lateral_border_band_and_thorax_by_hand():
   y = 2 * x + 0.1
   assert abs(M.pooled_pearson(x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum(), 4)
              - 1.0) < 1e-9
+
+
+def test_gaussian_prior_scores_high_on_boxes_where_boxes_usually_are():
+  size = 32
+  same = [[8, 8, 24, 24]] * 4                   # every box in the same place
+  far = same[:3] + [[0, 0, 6, 6]]               # one box in a corner
+  on = M.box_baselines(same, np.zeros((0, 4)), size)["gaussian_prior_box_enrichment"]
+  off = M.box_baselines(far, np.zeros((0, 4)), size)["gaussian_prior_box_enrichment"]
+  # A Gaussian with the box's half sizes as sigmas puts ~47% of its mass in the box (25% of
+  # the image): about 1.9x; a box far from the others drags the mean down.
+  assert 1.5 < on < 2.5 and off < on

@@ -121,7 +121,8 @@ def dataset_dir(config, workdir: str, must_exist: bool = True) -> str:
     others = sorted(os.path.relpath(os.path.join(dirpath), root)
                     for dirpath, _, names in os.walk(root) if "dataset_info.json" in names
                     and "incomplete." not in dirpath) if os.path.isdir(root) else []
-    there = f" (it holds {', '.join(others)}: prepared with other options)" if others else ""
+    there = (f" (it holds {', '.join(others)}: prepared with other options or by another "
+             "version)" if others else "")
     raise UserError(f"no prepared dataset {builder}/{name}/{version} in {root}{there}; run "
                     "`agcg prepare --config ...` with this config first")
   return path

@@ -491,12 +491,13 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
   cls_params = cls_params["classifier"]
   gan_params, gan_step = ckpt_lib.restore_params(workdir, "gan", S.gan_init_fn(config), mesh, config)
   ctr_params = ctr_model = None
-  if config.data.kind == "phantoms" and wd.eval_config(config).data.kind == "phantoms":
+  scored = wd.eval_config(config)  # the dataset scored: eval_data, or the test split of data
+  if config.data.kind == "phantoms" and scored.data.kind == "phantoms":
     ctr_params, _ = ckpt_lib.restore_params(workdir, "ctr", S.ctr_init_fn(config), mesh, config)
     ctr_params = ctr_params["ctr"]
     ctr_model = S.ctr_model(config)
   seg_model = seg_params = None
-  if wd.eval_config(config).data.kind == "ctr_masks":
+  if scored.data.kind == "ctr_masks":
     g = config.segmenter
     seg_params, _ = ckpt_lib.restore_params(
         workdir, "segmenter", segment.segmenter_init_fn(g.width, size, g.lr, g.steps, depth=g.depth,
@@ -507,7 +508,6 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
                         size=size, geometry=trunk_geometry(config.model.cls_layers),
                         cam_kind=cam_kind, threshold_grey=config.eval.truth_threshold_grey,
                         seg_model=seg_model))
-  scored = wd.eval_config(config)
   ddir = wd.dataset_dir(scored, workdir)
   wd.check_image_size(scored, ddir)
   n_local = len(jax.local_devices())
@@ -560,7 +560,7 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
     metrics.update(_audit(audit_sample, prior, box_rows, size, config.seed, fields))
   metrics.update({
       "cam_kind": cam_kind,
-      "dataset": wd.eval_config(config).data.kind,
+      "dataset": scored.data.kind,
       "trained_on": config.data.kind,
       "image_size": size,
       "classifier_step": cls_step,

@@ -11,6 +11,8 @@ import os
 import tempfile
 from typing import Any, Iterator
 
+from agcg_jax.errors import UserError
+
 # mkstemp creates files readable by the owner only; results get the usual mode.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -55,3 +57,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> None:
   """Writes `obj` as indented JSON (and a final newline) to `path` atomically."""
   write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def output_dir(path: str | os.PathLike, option: str = "--out") -> str:
+  """Creates the output folder `path` if needed; a file there or a refusal is one UserError line."""
+  path = os.fspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"{option} {path} is not a folder")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"{option} {path}: cannot create it ({e.strerror})") from None
+  return path

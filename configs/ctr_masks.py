@@ -15,43 +15,21 @@ first try: attention border enrichment 1.2, under the fixed prior's 3.4).
 Any folder laid out as png/ + mask/{heart,left_lung,right_lung}/ works:
 --config.eval_data.ctr_masks.source=DIR.
 """
-from agcg_jax.config import base
+import os
+
+from agcg_jax import config as config_lib
 
 
 def get_config(arg=None):
-  c = base()
-  c.data.kind = "folders"
-  c.data.image_size = 64
-  f = c.data.folders
-  f.source = "../shared/nih_cm128"
-  f.no_finding = "false"
-  f.cardiomegaly = "true"
-  f.normalize = "equalize"
-
+  # The training recipe is configs/nih_sample.py's (same data, networks, schedule and seed),
+  # so the two recipes' classifier and AG-CycleGAN are the same run; only the scored set differs.
+  c = config_lib.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                          "nih_sample.py"))
+  c.eval_data = config_lib.base().eval_data
   c.eval_data.kind = "ctr_masks"
   c.eval_data.ctr_masks.source = "../shared/ctr_wingspan"
   c.eval_data.ctr_masks.normalize = "equalize"
-
-  c.model.gen_width = 8
-  c.model.gen_res = 3
-  c.model.att_width = 8
-  c.model.dis_width = 8
-  c.model.cls_width = 16
-
-  c.classifier.steps = 600
-  c.classifier.batch_per_device = 16
-  c.classifier.log_every = 50
-  c.classifier.ckpt_every = 300
-
-  c.gan.batch_per_device = 4
-  c.gan.steps = 3000
-  c.gan.lambda_attention_l1 = 10.0
-  c.gan.lambda_attention_tv = 10.0
-  c.gan.log_every = 50
-  c.gan.ckpt_every = 500
-
   c.segmenter.steps = 1000
-  c.eval.audit_images = 3416
   if arg == "alone":
     c.data.kind = "ctr_masks"
     c.data.ctr_masks = c.eval_data.ctr_masks

@@ -189,14 +189,7 @@ def prepare_folders(root: str, out_dir: str, *, size: int = 256,
     The dataset's version directory (holding `dataset_info.json`).
   """
   folders.check_options(size, seed, test_fraction, normalize, workers)
-  out_dir = os.fspath(out_dir)
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise UserError(f"--out {out_dir} is not a folder")
-  try:
-    os.makedirs(out_dir, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"--out {out_dir}: cannot create it ({e.strerror})"
-                    ) from None
+  out_dir = files.output_dir(out_dir)
   start = time.perf_counter()
   scan = folders.scan_folders(root, class_map, ignore=ignore, seed=seed,
                               test_fraction=test_fraction)

@@ -35,7 +35,6 @@ from agcg_jax.data import images
 from agcg_jax.data import nih
 from agcg_jax.data import nih_prepare
 from agcg_jax.data import records
-from agcg_jax.errors import UserError
 
 _CITATION = """\
 @inproceedings{wang2017chestxray8,
@@ -239,14 +238,7 @@ def prepare_nih(data_dir: str, out_dir: str, *, size: int = 256,
     folder for `tfds.builder_from_directory`.
   """
   images.check_normalize(normalize)
-  out_dir = os.fspath(out_dir)
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise UserError(f"--out {out_dir} is not a folder")
-  try:
-    os.makedirs(out_dir, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"--out {out_dir}: cannot create it ({e.strerror})"
-                    ) from None
+  out_dir = files.output_dir(out_dir)
   cache_dir = os.path.join(out_dir, "cache", f"size{size}")
   examples, report = nih_prepare.prepare_examples(
       data_dir, cache_dir, size=size, views=views, split=split,

@@ -170,14 +170,16 @@ def _demo(config, workdir, args):
 def _compilation_cache(workdir: str) -> None:
   """XLA's persistent compilation cache in <workdir>/compile_cache: a re-run does not recompile.
 
-  $JAX_COMPILATION_CACHE_DIR, when set, wins (the test suite shares one).
+  $JAX_COMPILATION_CACHE_DIR, when set, wins (the test suite shares one); so does
+  $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS (default here: 1 s).
   """
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
   import jax
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir),
                                                               "compile_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # skip trivial ones
 
 
 # Command -> fn(config, workdir, args) -> exit status. Imports are deferred so

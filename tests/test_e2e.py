@@ -184,6 +184,9 @@ def test_image_size_other_than_the_prepared_data_is_one_line(tiny_run):
 @pytest.mark.slow
 def test_a_rerun_finds_its_compilations_in_the_workdir(tmp_path, data_dir):
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  # Every compilation is cached, whatever this machine's speed (the 1 s default would make
+  # the test depend on how long the tiny networks take to compile).
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   workdir = str(tmp_path / "run")
   proc = subprocess.run([sys.executable, "-m", "agcg_jax.cli", "train-classifier", "--config", TINY,
                          "--workdir", workdir, f"--config.data.dir={data_dir}"],

@@ -269,6 +269,9 @@ def test_gaussian_prior_scores_high_on_boxes_where_boxes_usually_are():
   far = same[:3] + [[0, 0, 6, 6]]               # one box in a corner
   on = M.box_baselines(same, np.zeros((0, 4)), size)["gaussian_prior_box_enrichment"]
   off = M.box_baselines(far, np.zeros((0, 4)), size)["gaussian_prior_box_enrichment"]
-  # A Gaussian with the box's half sizes as sigmas puts ~47% of its mass in the box (25% of
-  # the image): about 1.9x; a box far from the others drags the mean down.
-  assert 1.5 < on < 2.5 and off < on
+  # Centre (16, 16), sigmas 8: the image spans +-2 sigma and the box +-1 sigma on each axis, so
+  # the box holds (erf(1/sqrt2) / erf(2/sqrt2))^2 of the mass, over an area share of 1/4.
+  expected = (math.erf(1 / math.sqrt(2)) / math.erf(2 / math.sqrt(2))) ** 2 / 0.25
+  assert on == pytest.approx(expected, rel=0.01)
+  # A box far from the others drags the mean down.
+  assert off < on

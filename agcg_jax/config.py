@@ -145,7 +145,7 @@ def check_or_record(cfg, sections: Iterable[str], path: str,
       raise UserError(f"{path}: unreadable run config ({e}); remove it or use another --workdir") from e
     diffs = diff_keys(previous, current)
     allowed = [k for k in diffs if may_change is not None
-               and may_change(k, _get(previous, k), _get(current, k))]
+               and may_change(k, get_dotted(previous, k), get_dotted(current, k))]
     refused = [k for k in diffs if k not in allowed]
     if refused:
       shown = ", ".join(refused[:6]) + (" ..." if len(refused) > 6 else "")
@@ -153,12 +153,12 @@ def check_or_record(cfg, sections: Iterable[str], path: str,
                       f"(differs in {shown}); use a new --workdir or the same config")
     if not allowed:
       return []
-    changed = [f"{k}: {_get(previous, k)!r} -> {_get(current, k)!r}" for k in allowed]
+    changed = [f"{k}: {get_dotted(previous, k)!r} -> {get_dotted(current, k)!r}" for k in allowed]
   files.write_json(path, current, sort_keys=True)
   return changed
 
 
-def _get(tree, dotted: str):
+def get_dotted(tree, dotted: str):
   for part in dotted.split("."):
     tree = tree.get(part) if isinstance(tree, dict) else None
   return tree
@@ -277,6 +277,8 @@ def base() -> ml_collections.ConfigDict:
   g.lambda_identity = 0.0
   g.lambda_attention_l1 = 0.0   # not in the paper: sparsity of the attention map (GANimation)
   g.lambda_attention_tv = 0.0   # not in the paper: smoothness of the attention map
+  g.attention_prior_start = 1.0   # both priors start at this fraction of their weight and grow
+  g.attention_prior_ramp = 0.0    # linearly to it over this fraction of the run (0 = constant)
   g.two_stage_start = 1.0       # original AG-CycleGAN: from this fraction of the run on, freeze
                                 # attention and show D only the attended region; 1 = never (paper)
   g.attention_threshold = 0.1   # tau of that second stage

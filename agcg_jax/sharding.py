@@ -4,6 +4,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.flatten_util
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -25,6 +26,31 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over 'data'."""
   return NamedSharding(mesh, P(DATA))
+
+
+def mean_over_shards(fn, mesh: Mesh):
+  """`fn(replicated, batch)` computed per shard, its outputs averaged over 'data' in ONE all-reduce.
+
+  Under plain jit (GSPMD) every parameter's gradient gets its own all-reduce;
+  XLA combines them into one tuple all-reduce, but the CPU's gloo collectives
+  still run it element by element, ~4 ms each (measured here, 2026-11-28):
+  1.4 s per GAN step across two processes for its ~300 parameter arrays,
+  against ~80 ms of compute. Here each device runs `fn` on its shard of the
+  batch, the outputs are flattened into one vector and averaged by a single
+  pmean. Exact (up to float rounding) when every output is a mean over the
+  shard's examples, since shards are equal (global_batch_size). One device:
+  `fn` itself.
+  """
+  if mesh.devices.size == 1:
+    return fn
+
+  def local(replicated_arg, batch):
+    flat, unravel = jax.flatten_util.ravel_pytree(fn(replicated_arg, batch))
+    return unravel(jax.lax.pmean(flat, DATA))
+
+  # check_vma=False: the gradients of replicated parameters stay per-shard
+  # (no implicit psum per parameter); the one pmean above reduces them all.
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA)), out_specs=P(), check_vma=False)
 
 
 def global_batch_size(per_device: int, global_batch: int, mesh: Mesh, option: str) -> int:

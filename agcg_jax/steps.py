@@ -4,6 +4,7 @@ Batches are dicts of [B, H, W, 1] float32 images in [-1, 1]; the GAN batch is
 {"no_finding": ..., "cardiomegaly": ...} (unpaired), the classifier batch
 {"image": ..., "label": int32 [B]}.
 """
+import functools
 from typing import Mapping
 
 import flax.linen as nn
@@ -50,7 +51,22 @@ def _attended(image, attention, on, tau):
   return jnp.where(on, image * (attention > tau).astype(image.dtype), image)
 
 
-def gan_generator_loss(gen_params, dis_params, batch, *, models, cfg, second=False):
+def attention_prior_scale(step, cfg, total_steps: int):
+  """Factor on the attention priors' weights at `step` (traced; 1 unless ramped).
+
+  `gan.attention_prior_start` = s and `gan.attention_prior_ramp` = r: the factor
+  grows linearly from s at step 0 to 1 at r x the run, then stays 1. Weak priors
+  early let the translation learn to change the image; the full weight later
+  prunes the diffuse attention that the weak priors leave.
+  """
+  if cfg.attention_prior_ramp <= 0.0 or cfg.attention_prior_start == 1.0:
+    return jnp.ones((), jnp.float32)
+  frac = jnp.clip(step / max(cfg.attention_prior_ramp * total_steps, 1.0), 0.0, 1.0)
+  return cfg.attention_prior_start + (1.0 - cfg.attention_prior_start) * frac
+
+
+def gan_generator_loss(gen_params, dis_params, batch, *, models, cfg, second=False,
+                       prior_scale=1.0):
   """Adversarial + cycle (+ optional identity) loss of both translations.
 
   Returns (loss, (fakes, metrics)); fakes (what the discriminators see) are
@@ -83,7 +99,7 @@ def gan_generator_loss(gen_params, dis_params, batch, *, models, cfg, second=Fal
       idt += losses.cycle_loss(same, batch[target], "l1")
     fakes[target] = jax.lax.stop_gradient(seen)
   loss = (adv + cfg.lambda_cycle * cyc + cfg.lambda_identity * idt
-          + cfg.lambda_attention_l1 * att_l1 + cfg.lambda_attention_tv * att_tv)
+          + prior_scale * (cfg.lambda_attention_l1 * att_l1 + cfg.lambda_attention_tv * att_tv))
   metrics.update(g_loss=loss, g_adv=adv, cycle=cyc, attention_tv=att_tv)
   return loss, (fakes, metrics)
 
@@ -122,27 +138,35 @@ def gan_grads(state: TrainState, batch, *, models, cfg):
   Returns (grads keyed by network, metrics). Generator/attention gradients
   come only from the generator loss, discriminator gradients only from the
   discriminator loss (evaluated at the same, pre-update parameters, like the
-  usual alternating update).
+  usual alternating update). Every value is a mean over the batch's images,
+  so per-shard results average to the whole batch's (gan_train_step).
   """
   gen_params = {n: p for n, p in state.params.items() if not n.startswith("dis_")}
   dis_params = {n: p for n, p in state.params.items() if n.startswith("dis_")}
   second = second_stage(state.step, cfg, cfg.steps)
   (_, (fakes, m_g)), g_grads = jax.value_and_grad(gan_generator_loss, has_aux=True)(
-      gen_params, dis_params, batch, models=models, cfg=cfg, second=second)
+      gen_params, dis_params, batch, models=models, cfg=cfg, second=second,
+      prior_scale=attention_prior_scale(state.step, cfg, cfg.steps))
   att_params = ({n: p for n, p in gen_params.items() if n.startswith("att_")}
                 if cfg.two_stage_start < 1.0 else None)
   (_, m_d), d_grads = jax.value_and_grad(gan_discriminator_loss, has_aux=True)(
       dis_params, batch, fakes, models=models, cfg=cfg, second=second, att_params=att_params)
-  grads = {**g_grads, **d_grads}
-  metrics = {**m_g, **m_d}
+  return {**g_grads, **d_grads}, {**m_g, **m_d}
+
+
+def gan_train_step(state: TrainState, batch, *, models, cfg, mean_over_shards=None):
+  """One AG-CycleGAN step updating all six networks (attention frozen in a second stage). Donate `state`.
+
+  `mean_over_shards` (sharding.mean_over_shards bound to a mesh), if given,
+  computes gan_grads on each device's shard and averages grads and metrics in
+  one all-reduce instead of one per parameter.
+  """
+  grads_fn = functools.partial(gan_grads, models=models, cfg=cfg)
+  if mean_over_shards is not None:
+    grads_fn = mean_over_shards(grads_fn)
+  grads, metrics = grads_fn(state, batch)
   for name, g in grads.items():
     metrics[f"grad_norm_{name}"] = _global_norm(g)
-  return grads, metrics
-
-
-def gan_train_step(state: TrainState, batch, *, models, cfg):
-  """One AG-CycleGAN step updating all six networks (attention frozen in a second stage). Donate `state`."""
-  grads, metrics = gan_grads(state, batch, models=models, cfg=cfg)
   new = state.apply_gradients(grads)
   if cfg.two_stage_start < 1.0:
     frozen = second_stage(state.step, cfg, cfg.steps)

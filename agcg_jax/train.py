@@ -341,7 +341,8 @@ def gan_stage(config, workdir: str | None, mesh) -> Stage:
   g = config.gan
   return Stage(
       name="gan", init_fn=S.gan_init_fn(config),
-      step_fn=functools.partial(steps.gan_train_step, models=S.gan_models(config.model), cfg=g),
+      step_fn=functools.partial(steps.gan_train_step, models=S.gan_models(config.model), cfg=g,
+                                mean_over_shards=functools.partial(sh.mean_over_shards, mesh=mesh)),
       make_batches=lambda b, i, n: pipeline.gan_batches(
           source, batch_size=b, seed=stage_seed(config.seed, "gan"), shard_index=i,
           shard_count=n, worker_count=config.data.workers),

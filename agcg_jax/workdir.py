@@ -192,12 +192,19 @@ def stage_record(config, stage: str) -> dict[str, Any]:
   return sections
 
 
+def _default(key: str):
+  """The schema's default of a dotted key (JSON-normal), or None."""
+  return config_lib.get_dotted(config_lib.section_dict(config_lib.base(), [key.partition(".")[0]]), key)
+
+
 def _may_change(stage: str):
   def allowed(key, recorded, current) -> bool:
     section, _, field = key.partition(".")
     if (section in ("data", "eval_data") and field.partition(".")[0] in KIND_SECTIONS
         and current is None):
       return True  # an older record listed every kind's options: drop the unused ones
+    if recorded is None and section in STAGE_SECTIONS[stage] and current == _default(key):
+      return True  # a field added since the run began, at its default: the run is unchanged
     if section != stage or field not in RESUMABLE_FIELDS:
       return False
     if field == "steps":

@@ -378,6 +378,23 @@ def test_what_changes_the_networks_or_the_data_is_still_refused(tmp_path):
                                  stage)
 
 
+def test_a_record_from_before_a_new_field_resumes_only_at_its_default(tmp_path):
+  """A run recorded before gan.attention_prior_* existed resumes; a non-default value is refused."""
+  run_copy = str(tmp_path)
+  train._record_stage_config(tiny(), run_copy, "gan")
+  path = os.path.join(run_copy, "gan", "config.json")
+  with open(path) as f:
+    record = json.load(f)
+  for field in ("attention_prior_start", "attention_prior_ramp"):
+    del record["gan"][field]
+  with open(path, "w") as f:
+    json.dump(record, f)
+  train._record_stage_config(tiny(), run_copy, "gan")  # the defaults: the same run
+  with pytest.raises(UserError, match=r"differs in gan\.attention_prior_ramp"):
+    train._record_stage_config(tiny("gan.attention_prior_ramp=0.5", "gan.attention_prior_start=0.3"),
+                               run_copy, "gan")
+
+
 # ------------------------------------------------------------ interrupted preparation
 
 

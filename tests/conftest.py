@@ -3,17 +3,22 @@
 Tests that want one device pass an explicit one-device mesh; the sharding
 tests compare the two.
 """
+import atexit
 import os
-
+import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's CPU compiler dominates this suite's time; its heavy optimisations buy
 # little on these tiny networks (measured: compile 15 s -> 8 s, same step
-# time). The persistent cache lets tests (and the CLI subprocesses they
-# start) that compile the same program share it.
+# time).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="agcg-jax-cache-"))
+# The persistent cache lets tests (and the CLI subprocesses they start) that
+# compile the same program share it; a cache made here is removed when the
+# session ends (~20 MB each).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="agcg-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
   os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()

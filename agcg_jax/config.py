@@ -265,6 +265,8 @@ def base() -> ml_collections.ConfigDict:
   g.batch_per_device = 1
   g.global_batch = 0
   g.steps = 100000
+  g.replicate = 0               # > 0: another init and data order of the GAN alone (the classifier
+                                # and the data unchanged), to measure the run-to-run spread
   g.lr_g = 1e-4
   g.lr_a = 1e-4
   g.lr_d = 4e-4

@@ -152,6 +152,7 @@ class Stage:
   ckpt_every: int
   keep: int
   seed: int                    # the run seed; stage_key / stage_seed derive the stage's streams
+  replicate: int = 0           # > 0: another init and data order of this stage alone (e.g. gan.replicate)
 
 
 def _check_finite(metrics: dict, step: int, stage: str) -> None:
@@ -176,20 +177,22 @@ class Compiled:
 _STAGE_TAGS = {"classifier": 0, "gan": 1, "ctr": 2, "segmenter": 3}
 
 
-def stage_key(seed: int, stage: str) -> jax.Array:
-  """The stage's init key: `jax.random.key(seed)` folded in with the stage's tag."""
-  return jax.random.fold_in(jax.random.key(seed), _STAGE_TAGS[stage])
+def stage_key(seed: int, stage: str, replicate: int = 0) -> jax.Array:
+  """The stage's init key: `jax.random.key(seed)` folded in with the stage's tag (and replicate)."""
+  key = jax.random.fold_in(jax.random.key(seed), _STAGE_TAGS[stage])
+  return jax.random.fold_in(key, replicate) if replicate else key
 
 
-def stage_seed(seed: int, stage: str) -> int:
+def stage_seed(seed: int, stage: str, replicate: int = 0) -> int:
   """An integer seed of the stage's data order (Grain), independent of the other stages'."""
-  return int(np.random.SeedSequence([seed, _STAGE_TAGS[stage]]).generate_state(1)[0] >> 1)
+  entropy = [seed, _STAGE_TAGS[stage]] + ([replicate] if replicate else [])
+  return int(np.random.SeedSequence(entropy).generate_state(1)[0] >> 1)
 
 
 def compile_stage(stage: Stage, mesh) -> Compiled:
   """Jits a stage's init and step for `mesh`: the one place both are compiled."""
   replicated = sh.replicated(mesh)
-  key = stage_key(stage.seed, stage.name)
+  key = stage_key(stage.seed, stage.name, stage.replicate)
   abstract = jax.eval_shape(stage.init_fn, key)
   shardings = jax.tree.map(lambda _: replicated, abstract)
   return Compiled(
@@ -344,11 +347,11 @@ def gan_stage(config, workdir: str | None, mesh) -> Stage:
       step_fn=functools.partial(steps.gan_train_step, models=S.gan_models(config.model), cfg=g,
                                 mean_over_shards=functools.partial(sh.mean_over_shards, mesh=mesh)),
       make_batches=lambda b, i, n: pipeline.gan_batches(
-          source, batch_size=b, seed=stage_seed(config.seed, "gan"), shard_index=i,
+          source, batch_size=b, seed=stage_seed(config.seed, "gan", g.replicate), shard_index=i,
           shard_count=n, worker_count=config.data.workers),
       global_batch=sh.global_batch_size(g.batch_per_device, g.global_batch, mesh, "gan"),
       total_steps=g.steps, log_every=g.log_every, ckpt_every=g.ckpt_every, keep=g.keep,
-      seed=config.seed)
+      seed=config.seed, replicate=g.replicate)
 
 
 def ctr_stage(config, workdir: str | None, mesh) -> Stage:

@@ -9,6 +9,7 @@ import pytest
 
 from agcg_jax import checkpoint as ckpt_lib
 from agcg_jax import config as config_lib
+from agcg_jax import sharding
 from agcg_jax import train
 from agcg_jax.errors import UserError
 
@@ -91,3 +92,18 @@ def test_each_stage_has_its_own_random_streams():
       jax.random.key_data(train.stage_key(0, "gan")).tobytes()
   seeds = [train.stage_seed(0, s) for s in ("classifier", "gan", "ctr")]
   assert len(set(seeds)) == 3 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_gan_replicate_changes_only_the_gan_streams(tiny_config):
+  """gan.replicate gives the GAN another init and data order; 0 is the run's own streams."""
+  kd = lambda k: jax.random.key_data(k).tobytes()
+  assert kd(train.stage_key(0, "gan", 0)) == kd(train.stage_key(0, "gan"))
+  assert kd(train.stage_key(0, "gan", 1)) != kd(train.stage_key(0, "gan"))
+  assert train.stage_seed(0, "gan", 0) == train.stage_seed(0, "gan")
+  assert train.stage_seed(0, "gan", 1) != train.stage_seed(0, "gan")
+  c = tiny_config.copy_and_resolve_references()
+  c.gan.replicate = 2
+  mesh = sharding.data_mesh()
+  gan, cls = train.gan_stage(c, None, mesh), train.classifier_stage(c, None, mesh)
+  assert gan.replicate == 2 and cls.replicate == 0
+  assert kd(train.compile_stage(gan, mesh).key) == kd(train.stage_key(c.seed, "gan", 2))

@@ -16,7 +16,9 @@ Every per-image score is computed on the device inside one jitted function
 that returns per-batch sums; only those scalars, and the few cases the
 figures show, come to the host. Host memory stays flat as the test set grows.
 """
+import csv
 import datetime
+import io
 import json
 
 import jax
@@ -136,6 +138,8 @@ def _eval_fn(cls_model, gan_models, ctr_model, *, size, geometry, cam_kind, thre
       if "ctr" in b:
         add("ruler_abs_err", jnp.where(rr["valid"], jnp.abs(rr["ctr"] - b["ctr"]), 0.0))
 
+    # Per image (eval/per_image.csv): how much the translation changed, and where.
+    per_image = {"attention_mean": jnp.mean(att, axis=(1, 2)), "change_mean": jnp.mean(diff, axis=(1, 2))}
     if "heart" in b:
       # Drawn outlines: mass near the heart's lateral borders (they set the CTR) over the
       # band's share of the thorax; the prior is the mean training band.
@@ -148,6 +152,10 @@ def _eval_fn(cls_model, gan_models, ctr_model, *, size, geometry, cam_kind, thre
         pos = M.positive(m)
         add(f"border_in_{name}", M.region_mass(pos, band & thorax))
         add(f"border_all_{name}", M.total_mass(pos))
+        if name in ("attention", "diff"):
+          per_image[f"{name}_border_enrichment"] = (
+              M.region_mass(pos, band & thorax) / jnp.maximum(M.total_mass(pos), 1e-12)
+              / jnp.maximum(M.area(band & thorax) / jnp.maximum(M.area(thorax), 1.0), 1e-12))
 
     if seg_model is not None:
       # The segmenter measures the CTR of the image and of its translation.
@@ -180,6 +188,8 @@ def _eval_fn(cls_model, gan_models, ctr_model, *, size, geometry, cam_kind, thre
       if "ctr" in b:
         add("ctr_abs_err", jnp.abs(c_real - b["ctr"]))
         add("ctr_abs_err_fixed", jnp.abs(0.5 - b["ctr"]))
+    elif seg_model is not None:  # the segmenter's CTR (NaN where it finds no heart or lungs)
+      c_real, c_fake = jnp.where(v_real, s_real, jnp.nan), jnp.where(v_fake, s_fake, jnp.nan)
     else:
       c_real = c_fake = jnp.full(labels.shape, jnp.nan)
 
@@ -197,7 +207,7 @@ def _eval_fn(cls_model, gan_models, ctr_model, *, size, geometry, cam_kind, thre
     figure = {"pred": pred, "pred_translated": pred_t,
               "prob": jnp.take_along_axis(jax.nn.softmax(logits, -1), pred[:, None], 1)[:, 0],
               "real": x, "attention": att, "generated": gen, "fake": fake, "cam": cam,
-              "ctr_real": c_real, "ctr_fake": c_fake}
+              "ctr_real": c_real, "ctr_fake": c_fake, "per_image": per_image}
     if "twin" in b:
       figure["twin"] = b["twin"]
     return s, figure
@@ -320,7 +330,7 @@ class _Examples:
     if not rows:
       return
     idx = jnp.asarray(rows)
-    got = jax.device_get({k: v[idx] for k, v in figure.items()})
+    got = jax.device_get({k: v[idx] for k, v in figure.items() if k != "per_image"})
     labels = np.asarray(batch["label"])[rows]
     ids = (np.asarray(batch["id"])[rows] if "id" in batch
            else np.asarray([str(r) for r in rows]))
@@ -336,6 +346,40 @@ class _Examples:
   def result(self) -> ExampleMaps:
     return (ExampleMaps.concatenate(self.parts) if self.parts
             else ExampleMaps.empty(self.size, cam_kind=self.cam_kind))
+
+
+class _PerImage:
+  """One row of scalars per scored image: eval/per_image.csv (which images moved, and how)."""
+
+  def __init__(self):
+    self.rows = []
+
+  def add(self, batch: dict, figure: dict, valid: np.ndarray) -> None:
+    got = jax.device_get({k: figure[k] for k in ("pred", "pred_translated", "prob", "ctr_real", "ctr_fake")}
+                         | figure["per_image"])
+    labels = np.asarray(batch["label"])
+    ids = np.asarray(batch["id"]) if "id" in batch else None
+    for i in np.flatnonzero(valid):
+      row = {"id": str(ids[i]) if ids is not None else str(len(self.rows)),
+             "label": CLASS_NAMES[int(labels[i])], "direction": direction_of(labels[i]),
+             "pred": CLASS_NAMES[int(got["pred"][i])],
+             "pred_translated": CLASS_NAMES[int(got["pred_translated"][i])],
+             "prob": float(got["prob"][i]), "ctr_real": float(got["ctr_real"][i]),
+             "ctr_fake": float(got["ctr_fake"][i])}
+      row["ctr_change"] = row["ctr_fake"] - row["ctr_real"]
+      row.update({k: float(v[i]) for k, v in got.items()
+                  if k not in ("pred", "pred_translated", "prob", "ctr_real", "ctr_fake")})
+      self.rows.append(row)
+
+  def save(self, path: str) -> None:
+    if not self.rows:
+      return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(self.rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in self.rows:
+      writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    files.write_text(path, buf.getvalue())
 
 
 class _BoxSwap:
@@ -524,7 +568,7 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
                                           config.eval.audit_images)
   source = pipeline.open_source(ddir, "test")
   examples = _Examples(config.eval.num_figure_examples, cam_kind, size)
-  sums, seen, test_boxes, swap = {}, 0, [], _BoxSwap()
+  sums, seen, test_boxes, swap, per_image = {}, 0, [], _BoxSwap(), _PerImage()
   batches = pipeline.eval_batches(source, batch_size=batch_size, shard_index=jax.process_index(),
                                   shard_count=jax.process_count())
   for batch in progress_lib.bar(batches, desc="evaluate", unit="batch",
@@ -540,6 +584,7 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
       test_boxes.append(_boxes_of(batch))
     if "has_cardiomegaly_box" in batch:
       swap.add(batch, figure, valid)
+    per_image.add(batch, figure, valid)
     rows = examples.wanted(np.asarray(batch["label"]), preds, valid)
     examples.add(batch, figure, rows, batch.get("heart_mask"))
     seen += int(valid.sum())
@@ -569,6 +614,8 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
       "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}",
       "config": json.loads(json.dumps(config.to_dict(), default=list)),
   })
+  # Each process lists its own images (per_image.csv on one process, per_image-<i>.csv on several).
+  per_image.save(wd.per_image_csv(workdir, jax.process_index(), jax.process_count()))
   if is_main_process():
     examples.result().save(wd.examples_npz(workdir))
     files.write_json(wd.metrics_json(workdir), metrics)

@@ -30,8 +30,9 @@ class ExampleMaps:
   unknown, as for `agcg explain`); pred, pred_translated: int32 [N]
   (pred_translated is the classifier on `fake`); prob: float32 [N], probability of `pred`;
   cam: the decision map of kind `cam_kind` ("margin" or "equ9", cam.py),
-  upsampled onto the image; ctr_real / ctr_fake: float32 [N] (NaN where not
-  measured); heart_mask, twin: [N, S, S] or None where the dataset has no
+  upsampled onto the image; ctr_real / ctr_fake: float32 [N], the CTR of the image and
+  its translation by the phantoms' CTR regressor or the outlined sets'
+  segmenter (NaN where not measured); heart_mask, twin: [N, S, S] or None where the dataset has no
   such truth (twin = the phantom rendered with the other label).
   """
   id: np.ndarray

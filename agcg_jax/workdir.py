@@ -157,6 +157,11 @@ def examples_npz(workdir: str | os.PathLike) -> str:
   return os.path.join(workdir, "eval", "examples.npz")
 
 
+def per_image_csv(workdir: str | os.PathLike, process: int = 0, count: int = 1) -> str:
+  """One row per scored image (evaluate.py); one file per process when there are several."""
+  return os.path.join(workdir, "eval", "per_image.csv" if count == 1 else f"per_image-{process}.csv")
+
+
 def figures_dir(workdir: str | os.PathLike) -> str:
   return os.path.join(workdir, "figures")
 

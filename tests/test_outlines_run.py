@@ -1,4 +1,5 @@
 """The outlined-radiograph path end to end on real images: prepare, train (with the segmenter), score."""
+import csv
 import os
 
 import numpy as np
@@ -35,5 +36,19 @@ def test_outlined_radiographs_are_scored_against_the_drawn_hearts(tmp_path, tiny
   assert m["prior_heart_border_enrichment"] > 1.0
   for k in ("ctr_ruler_mae", "ctr_direction_correct", "flip_rate", "ctr_ruler_measured"):
     assert k in m, k
+  # One row per scored image; its CTR columns are the segmenter's, and they give the pooled share.
+  with open(os.path.join(workdir, "eval", "per_image.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == m["num_test"]
+  assert {r["label"] for r in rows} <= {"No Finding", "Cardiomegaly"}
+  measured = sum(np.isfinite(float(r["ctr_real"])) for r in rows)
+  assert measured == round(m["ctr_ruler_measured"] * len(rows))
+  print("per-image", measured, m["ctr_direction_correct"], m["flip_rate"])
+  right = [(float(r["ctr_change"]) > 0) == (r["direction"] == "to_cardiomegaly")
+           and float(r["ctr_change"]) != 0 for r in rows if np.isfinite(float(r["ctr_change"]))]
+  assert np.isclose(sum(right) / len(rows), m["ctr_direction_correct"])
+  flips = [r["pred"] != r["pred_translated"] for r in rows]
+  assert np.isclose(np.mean(flips), m["flip_rate"])
+  assert all(np.isfinite(float(r["attention_border_enrichment"])) for r in rows)
   html = open(report.write_report(workdir)).read()
   assert "heart-border enrichment" in html and "CTR ruler error" in html

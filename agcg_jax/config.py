@@ -279,6 +279,8 @@ def base() -> ml_collections.ConfigDict:
   g.lambda_identity = 0.0
   g.lambda_attention_l1 = 0.0   # not in the paper: sparsity of the attention map (GANimation)
   g.lambda_attention_tv = 0.0   # not in the paper: smoothness of the attention map
+  g.attention_target = 0.0       # > 0: the L1 prior draws each image's mean attention to this
+                                # amount instead of to 0 (losses.attention_amount)
   g.attention_prior_start = 1.0   # both priors start at this fraction of their weight and grow
   g.attention_prior_ramp = 0.0    # linearly to it over this fraction of the run (0 = constant)
   g.two_stage_start = 1.0       # original AG-CycleGAN: from this fraction of the run on, freeze

@@ -54,3 +54,19 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray,
     return jnp.mean(per)
   w = class_weights[labels]
   return jnp.sum(w * per) / jnp.sum(w)
+
+
+def attention_amount(attention: jnp.ndarray, target: float = 0.0) -> jnp.ndarray:
+  """The attention map's L1 prior: its mean, or each image's distance from a target amount.
+
+  target 0 (GANimation's sparsity prior): mean(A), pushing every map towards
+  nothing, so an image whose translation has little support under the
+  adversarial loss may end up with no attention, and no change, at all.
+  target t > 0: mean over images of |mean_hw(A) - t|: each image's map is
+  drawn towards the same amount t (a fraction of the image), pushed down
+  above it as before and up below it; where it goes stays the other losses'.
+  """
+  if target <= 0.0:
+    return jnp.mean(attention)
+  per_image = jnp.mean(attention.astype(jnp.float32), axis=tuple(range(1, attention.ndim)))
+  return jnp.mean(jnp.abs(per_image - target))

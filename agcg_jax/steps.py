@@ -91,7 +91,7 @@ def gan_generator_loss(gen_params, dis_params, batch, *, models, cfg, second=Fal
     metrics[f"attention_mean_{target}"] = jnp.mean(att)
     # Optional attention priors (not in the paper; GANimation's L1 + TV on
     # its attention mask): a sparse, smooth map says "where" more sharply.
-    att_l1 += jnp.mean(att)
+    att_l1 += losses.attention_amount(att, cfg.attention_target)
     att_tv += (jnp.mean(jnp.abs(att[:, 1:] - att[:, :-1])) +
                jnp.mean(jnp.abs(att[:, :, 1:] - att[:, :, :-1])))
     if cfg.lambda_identity > 0:

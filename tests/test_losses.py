@@ -110,3 +110,15 @@ def test_unknown_kinds_raise():
       fn(x, "wgan")
   with pytest.raises(ValueError, match="unknown cycle loss 'l2'"):
     losses.cycle_loss(x, x, "l2")
+
+
+def test_attention_amount_draws_each_image_to_its_target():
+  # Two 2x2 maps: means 0.1 and 0.6.
+  att = jnp.asarray([[[0.0, 0.2], [0.2, 0.0]], [[0.6, 0.6], [0.6, 0.6]]])[..., None]
+  np.testing.assert_allclose(losses.attention_amount(att), 0.35, rtol=1e-6)  # plain L1: the mean
+  np.testing.assert_allclose(losses.attention_amount(att, 0.3), (0.2 + 0.3) / 2, rtol=1e-6)
+  g = jax.grad(losses.attention_amount)(att, 0.3)
+  # Below the target the prior pulls the map up, above it down; every pixel of an image alike.
+  np.testing.assert_allclose(g[0], -0.5 / 4, rtol=1e-6)
+  np.testing.assert_allclose(g[1], 0.5 / 4, rtol=1e-6)
+  assert float(jnp.min(jax.grad(losses.attention_amount)(att))) > 0  # target 0: always down

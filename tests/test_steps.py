@@ -261,6 +261,13 @@ def test_attention_prior_ramp(tiny_config):
   priors = 2.0 * att_l1 + 3.0 * float(m["attention_tv"])
   np.testing.assert_allclose(loss(1.0) - loss(0.0), priors, rtol=1e-4)
   np.testing.assert_allclose(loss(0.3) - loss(0.0), 0.3 * priors, rtol=1e-4)
+  # With a target amount the L1 term is each image's distance from it (losses.attention_amount).
+  models, g, _ = _gan(tiny_config, lambda_attention_l1=2.0, lambda_attention_tv=0.0, attention_target=0.9)
+  _, (_, m) = steps.gan_generator_loss(gen, dis, batch, models=models, cfg=g)
+  assert all(float(m[f"attention_mean_{t}"]) < 0.9 for t in CLASS_KEYS)
+  np.testing.assert_allclose(loss(1.0) - loss(0.0),
+                             2.0 * sum(0.9 - float(m[f"attention_mean_{t}"]) for t in CLASS_KEYS),
+                             rtol=1e-4)
 
 
 def test_sharded_step_reduces_in_one_all_reduce(tiny_config):

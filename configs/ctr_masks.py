@@ -40,8 +40,8 @@ def get_config(arg=None):
   c.gan.lambda_attention_tv = 1.0
   # Twice nih_sample.py's GAN steps: at 3,000 a third of the held-out images got
   # almost no attention and no change (their CTR moved at chance; eval/per_image.csv);
-  # at 6,000 the CTR moves the right way for 80-89% of hearts with border enrichment
-  # 3.6-4.1 (2026-11-28, GAN replicates 0 and 1; docs/benchmarks.md).
+  # at 6,000 the CTR moves the right way for 80-89% of hearts, border enrichment 2.9-4.1,
+  # both goals (3 and 80%) met by 3 of 4 GAN replicates (2026-11-28; docs/benchmarks.md).
   c.gan.steps = 6000
   if arg == "alone":
     c.data.kind = "ctr_masks"

@@ -181,12 +181,16 @@ def test_sigterm_saves_and_resumes_exactly_and_sigkill_resumes_from_last_checkpo
   # SIGKILL after that: the resumed run restarts from the last complete checkpoint.
   p = subprocess.Popen(_cmd("train-gan", stopped, data_dir, *overrides), env=_env(8), cwd=ROOT,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_for(lambda: max(_steps_logged(stopped) or [0]) >= min(stop_step + 12, 39), p)
+  ckpt_dir = os.path.join(stopped, "gan", "checkpoints")
+  complete = lambda: [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]  # (finalised names only)
+  # Killed once a checkpoint after the stop is complete (saving is asynchronous: on a slow
+  # machine the step-10 save may still be in flight when step 16 is logged).
+  _wait_for(lambda: max(_steps_logged(stopped) or [0]) >= min(stop_step + 12, 39)
+            and max(complete()) > stop_step, p)
   p.kill()
   out, _ = p.communicate(timeout=60)
   assert f"resuming from step {stop_step} of 40" in out
-  ckpts = sorted(int(d) for d in os.listdir(os.path.join(stopped, "gan", "checkpoints")) if d.isdigit())
-  last_complete = max(ckpts)
+  last_complete = max(complete())
   proc = subprocess.run(_cmd("train-gan", stopped, data_dir, *overrides), env=_env(8), cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

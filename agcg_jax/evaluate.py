@@ -146,16 +146,18 @@ def _eval_fn(cls_model, gan_models, ctr_model, *, size, geometry, cam_kind, thre
       band = M.lateral_border_band(b["heart"], M.border_width(size))
       thorax = M.thorax_mask(b["heart"], b["lungs"])
       maps["prior"] = jnp.broadcast_to(prior, x.shape)
-      add("border_area", M.area(band & thorax))
+      border = band & thorax
+      add("border_area", M.area(border))
       add("thorax_area", M.area(thorax))
+      border_share = M.area(border) / jnp.maximum(M.area(thorax), 1.0)
       for name, m in maps.items():
         pos = M.positive(m)
-        add(f"border_in_{name}", M.region_mass(pos, band & thorax))
-        add(f"border_all_{name}", M.total_mass(pos))
-        if name in ("attention", "diff"):
+        inside, total = M.region_mass(pos, border), M.total_mass(pos)
+        add(f"border_in_{name}", inside)
+        add(f"border_all_{name}", total)
+        if name in ("attention", "diff"):  # the same score for one image
           per_image[f"{name}_border_enrichment"] = (
-              M.region_mass(pos, band & thorax) / jnp.maximum(M.total_mass(pos), 1e-12)
-              / jnp.maximum(M.area(band & thorax) / jnp.maximum(M.area(thorax), 1.0), 1e-12))
+              inside / jnp.maximum(total, 1e-12) / jnp.maximum(border_share, 1e-12))
 
     if seg_model is not None:
       # The segmenter measures the CTR of the image and of its translation.
@@ -354,9 +356,10 @@ class _PerImage:
   def __init__(self):
     self.rows = []
 
+  _FIXED = ("pred", "pred_translated", "prob", "ctr_real", "ctr_fake")
+
   def add(self, batch: dict, figure: dict, valid: np.ndarray) -> None:
-    got = jax.device_get({k: figure[k] for k in ("pred", "pred_translated", "prob", "ctr_real", "ctr_fake")}
-                         | figure["per_image"])
+    got = jax.device_get({k: figure[k] for k in self._FIXED} | figure["per_image"])
     labels = np.asarray(batch["label"])
     ids = np.asarray(batch["id"]) if "id" in batch else None
     for i in np.flatnonzero(valid):
@@ -367,8 +370,7 @@ class _PerImage:
              "prob": float(got["prob"][i]), "ctr_real": float(got["ctr_real"][i]),
              "ctr_fake": float(got["ctr_fake"][i])}
       row["ctr_change"] = row["ctr_fake"] - row["ctr_real"]
-      row.update({k: float(v[i]) for k, v in got.items()
-                  if k not in ("pred", "pred_translated", "prob", "ctr_real", "ctr_fake")})
+      row.update({k: float(v[i]) for k, v in got.items() if k not in self._FIXED})
       self.rows.append(row)
 
   def save(self, path: str) -> None:

@@ -236,6 +236,7 @@ def base() -> ml_collections.ConfigDict:
   c.model = m = ml_collections.ConfigDict()
   m.dtype = "float32"          # compute dtype: float32 or bfloat16 (params stay float32)
   m.padding = "reflect"
+  m.conv_rewrites = "auto"     # auto (on for the CPU backend) | on | off: exact faster convs, models/conv_rewrites.py
   m.gen_width = 64             # c7s1-64, d128, d256
   m.gen_down = 2
   m.gen_res = 9

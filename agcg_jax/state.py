@@ -9,6 +9,8 @@ import optax
 
 from agcg_jax.data.records import CLASS_KEYS, NUM_CLASSES
 from agcg_jax import models as M
+from agcg_jax.errors import UserError
+from agcg_jax.models import conv_rewrites
 
 # The six AG-CycleGAN networks. Translation *into* domain t uses gen_t and
 # att_t; dis_t judges whether an image looks like domain t.
@@ -56,20 +58,22 @@ def compute_dtype(name: str):
     return jnp.float32
   if name in ("bfloat16", "bf16"):
     return jnp.bfloat16
-  raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {name!r}")
+  raise UserError(f"--config.model.dtype must be 'float32' or 'bfloat16', got {name!r}")
 
 
 def gan_models(model_cfg) -> dict[str, nn.Module]:
   """The six networks from config.model, keyed like GAN_NETS."""
   dtype = compute_dtype(model_cfg.dtype)
+  rewrite = conv_rewrites.resolve(model_cfg.get("conv_rewrites", "auto"))
   out = {}
   for k in CLASS_KEYS:
     out[GEN[k]] = M.ResnetGenerator(
         width=model_cfg.gen_width, num_down=model_cfg.gen_down, num_res=model_cfg.gen_res,
-        upsample=model_cfg.gen_upsample, padding=model_cfg.padding, dtype=dtype)
+        upsample=model_cfg.gen_upsample, padding=model_cfg.padding, dtype=dtype,
+        rewrite=rewrite)
     out[ATT[k]] = M.AttentionNet(
         width=model_cfg.att_width, dilations=tuple(model_cfg.att_dilations),
-        padding=model_cfg.padding, dtype=dtype)
+        padding=model_cfg.padding, dtype=dtype, rewrite=rewrite)
     out[DIS[k]] = M.PatchDiscriminator(
         width=model_cfg.dis_width, num_layers=model_cfg.dis_layers,
         sigmoid=model_cfg.dis_sigmoid, dtype=dtype)

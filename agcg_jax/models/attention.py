@@ -18,17 +18,20 @@ class AttentionNet(nn.Module):
   dilations: Sequence[int] = (1, 2, 4, 1)
   padding: str = "reflect"
   dtype: Dtype = jnp.float32
+  rewrite: bool = False  # exact, faster convs on XLA:CPU (models/conv_rewrites.py)
 
   @nn.compact
   def __call__(self, x):
     x = x.astype(self.dtype)
-    h = PadConv(self.width, 7, padding=self.padding, use_bias=False, dtype=self.dtype)(x)
+    h = PadConv(self.width, 7, padding=self.padding, use_bias=False, dtype=self.dtype,
+                rewrite=self.rewrite)(x)
     h = nn.relu(instance_norm(self.dtype)(h))
     h = PadConv(2 * self.width, 3, stride=2, padding="zeros", use_bias=False, dtype=self.dtype)(h)
     h = nn.relu(instance_norm(self.dtype)(h))
     for d in self.dilations:
       h = ResBlock(2 * self.width, dilation=d, padding=self.padding, dtype=self.dtype)(h)
-    h = Upsample2x(self.width, mode="resize", padding=self.padding, dtype=self.dtype)(h)
+    h = Upsample2x(self.width, mode="resize", padding=self.padding, dtype=self.dtype,
+                   rewrite=self.rewrite)(h)
     h = nn.relu(instance_norm(self.dtype)(h))
-    h = PadConv(1, 7, padding=self.padding, dtype=self.dtype)(h)
+    h = PadConv(1, 7, padding=self.padding, dtype=self.dtype, rewrite=self.rewrite)(h)
     return nn.sigmoid(h.astype(jnp.float32))

@@ -19,12 +19,14 @@ class ResnetGenerator(nn.Module):
   upsample: str = "subpixel"
   padding: str = "reflect"
   dtype: Dtype = jnp.float32
+  rewrite: bool = False  # exact, faster convs on XLA:CPU (models/conv_rewrites.py)
 
   @nn.compact
   def __call__(self, x):
     out_ch = x.shape[-1]
     x = x.astype(self.dtype)
-    h = PadConv(self.width, 7, padding=self.padding, use_bias=False, dtype=self.dtype)(x)
+    h = PadConv(self.width, 7, padding=self.padding, use_bias=False, dtype=self.dtype,
+                rewrite=self.rewrite)(x)
     h = nn.relu(instance_norm(self.dtype)(h))
     ch = self.width
     for _ in range(self.num_down):
@@ -37,5 +39,5 @@ class ResnetGenerator(nn.Module):
       ch //= 2
       h = Upsample2x(ch, mode=self.upsample, padding=self.padding, dtype=self.dtype)(h)
       h = nn.relu(instance_norm(self.dtype)(h))
-    h = PadConv(out_ch, 7, padding=self.padding, dtype=self.dtype)(h)
+    h = PadConv(out_ch, 7, padding=self.padding, dtype=self.dtype, rewrite=self.rewrite)(h)
     return jnp.tanh(h.astype(jnp.float32))

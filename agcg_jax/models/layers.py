@@ -9,6 +9,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from agcg_jax.models.conv_rewrites import conv_general_dilated as rewritten_conv
+from agcg_jax.models.conv_rewrites import upsample2x_conv
+
 Dtype = Any
 
 
@@ -29,15 +32,27 @@ class PadConv(nn.Module):
   padding: str = "reflect"
   use_bias: bool = True
   dtype: Dtype = jnp.float32
+  upsample: bool = False  # nearest 2x upsampling of the input first (3x3, stride 1 only)
+  rewrite: bool = False   # exact, faster formulations on XLA:CPU (models/conv_rewrites.py)
 
   @nn.compact
   def __call__(self, x):
+    if self.upsample:
+      if (self.kernel, self.stride, self.dilation) != (3, 1, 1):
+        raise ValueError("PadConv(upsample=True) needs a 3x3 kernel, stride 1, dilation 1")
+      if self.rewrite:  # the whole layer as a sub-pixel conv at the input's resolution
+        upsample_conv = lambda lhs, rhs, *_, **__: upsample2x_conv(lhs, rhs, self.padding)
+        return nn.Conv(self.features, (3, 3), padding="VALID", use_bias=self.use_bias,
+                       dtype=self.dtype, conv_general_dilated=upsample_conv)(x)
+      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     p = self.dilation * (self.kernel - 1) // 2
     x = pad(x, p, self.padding)
+    conv_fn = rewritten_conv if self.rewrite else None
     return nn.Conv(self.features, (self.kernel, self.kernel),
                    strides=(self.stride, self.stride),
                    kernel_dilation=(self.dilation, self.dilation),
-                   padding="VALID", use_bias=self.use_bias, dtype=self.dtype)(x)
+                   padding="VALID", use_bias=self.use_bias, dtype=self.dtype,
+                   conv_general_dilated=conv_fn)(x)
 
 
 def instance_norm(dtype: Dtype, name: str | None = None) -> nn.Module:
@@ -92,6 +107,7 @@ class Upsample2x(nn.Module):
   mode: str = "subpixel"
   padding: str = "reflect"
   dtype: Dtype = jnp.float32
+  rewrite: bool = False  # 'resize' as a sub-pixel conv (models/conv_rewrites.py)
 
   @nn.compact
   def __call__(self, x):
@@ -102,8 +118,7 @@ class Upsample2x(nn.Module):
       x = PadConv(4 * self.features, 3, padding=self.padding, use_bias=False, dtype=self.dtype)(x)
       return depth_to_space(x, 2)
     if self.mode == "resize":
-      b, h, w, c = x.shape
-      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-      return PadConv(self.features, 3, padding=self.padding, use_bias=False, dtype=self.dtype)(x)
+      return PadConv(self.features, 3, padding=self.padding, use_bias=False, dtype=self.dtype,
+                     upsample=True, rewrite=self.rewrite)(x)
     raise ValueError(f"unknown upsample mode {self.mode!r}: "
                      "use 'subpixel', 'transpose' or 'resize'")

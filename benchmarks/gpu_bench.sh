@@ -19,6 +19,10 @@ for b in 1 8; do
   python3 .device/torch_agcg.py --size 256 --batch "$b" --steps "$STEPS" >> "$OUT/bench.jsonl" || true
   python3 .device/torch_agcg.py --size 256 --batch "$b" --steps "$STEPS" --bf16 >> "$OUT/bench.jsonl" || true
 done
+# The exact conv rewrites (models/conv_rewrites.py) are on by default only on the CPU; one row with
+# them on here says whether the GPU default should change.
+python3 -m agcg_jax.cli bench --size 256 --batch 8 --dtype bf16 --steps "$STEPS" --out "$OUT/bench.jsonl" \
+  --config.model.conv_rewrites=on || echo "agcg bench with conv rewrites failed"
 python3 - "$OUT/bench.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
@@ -28,6 +32,7 @@ print(f"{'impl':22} {'batch':>5} {'img/s':>8} {'ms/step':>8} {'compile s':>9} {'
 for r in rows:
   t = torch.get(key(r))
   ratio = f"{r['images_per_s'] / t['images_per_s']:.2f}x" if t and not r["impl"].startswith("torch") else ""
-  print(f"{r['impl']:22} {key(r)[0]:>5} {r['images_per_s']:8.1f} {r['ms_per_step']:8.1f} "
+  impl = r["impl"] + ("+rewrites" if r.get("conv_rewrites") else "")
+  print(f"{impl:22} {key(r)[0]:>5} {r['images_per_s']:8.1f} {r['ms_per_step']:8.1f} "
         f"{r.get('compile_s', ''):>9} {ratio:>8}")
 PY

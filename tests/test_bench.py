@@ -14,6 +14,7 @@ def test_bench_times_the_training_step_and_writes_a_profile(tiny_config, tmp_pat
   row = bench.bench_gan_step(tiny_config, size=32, batch_per_device=2, dtype="fp32", steps_n=2,
                              warmup=1, profile_dir=str(tmp_path / "prof"))
   assert row["images_per_s"] > 0 and row["loss_finite"] and row["global_batch"] == 2 * row["devices"]
+  assert row["conv_rewrites"] is True  # 'auto' on the CPU
   assert glob.glob(str(tmp_path / "prof" / "plugins" / "profile" / "*" / "*.xplane.pb"))
 
 

@@ -8,8 +8,12 @@ already padded, VALID, with its count per step) it times forward + both gradient
 step runs) of:
   xla     lax.conv_general_dilated (what the models use);
   im2col  the k*k shifted slices concatenated on channels, one matmul;
-  shifted the sum over taps of (shifted slice @ w[i, j]): k*k small matmuls.
-It checks the gradients agree with XLA's and prints ms per call (median of 30,
+  shifted the sum over taps of (shifted slice @ w[i, j]): k*k small matmuls;
+  rewrite what the models use on the CPU (agcg_jax/models/conv_rewrites.py:
+          banded matmuls for one input channel, stacked shifts + one matmul
+          for one output channel, XLA's conv for the rest).
+Then the attention net's upsampling layer (nearest 2x + 3x3 conv) literally
+and as conv_rewrites.upsample2x_conv. It checks the gradients agree with XLA's and prints ms per call (median of 30,
 after a warm-up) and XLA's time over the best other. Pin one core with
 taskset (XLA's thread flags do not keep it to one).
 """
@@ -20,6 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from agcg_jax.models import conv_rewrites
+from agcg_jax.models.layers import pad
 
 # (forward calls per demo GAN step, input size incl. padding, in channels, out channels, kernel,
 # stride, dilation): the demo step's convolutions as its HLO lists them (batch 4; generators and
@@ -65,7 +72,32 @@ def shifted_conv(x, w, s, d):
   return sum(t @ w[i // k, i % k] for i, t in enumerate(_taps(x, k, s, d)))
 
 
-LOWERINGS = {"xla": xla_conv, "im2col": im2col_conv, "shifted": shifted_conv}
+def rewrite_conv(x, w, s, d):
+  return conv_rewrites.conv_general_dilated(x, w, (s, s), "VALID", rhs_dilation=(d, d),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+LOWERINGS = {"xla": xla_conv, "im2col": im2col_conv, "shifted": shifted_conv,
+             "rewrite": rewrite_conv}
+
+
+def upsample_rows(batch):
+  """ms of the attention net's upsampling layer (32 -> 64 px, 16 -> 8 channels), literal vs rewrite."""
+  x = jax.random.normal(jax.random.key(0), (batch, 32, 32, 16))
+  w = 0.1 * jax.random.normal(jax.random.key(1), (3, 3, 16, 8))
+
+  def literal(x, w):
+    return xla_conv(pad(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), 1, "reflect"), w, 1, 1)
+
+  out = {}
+  for name, f in (("literal", literal), ("rewrite", conv_rewrites.upsample2x_conv)):
+    g = jax.jit(jax.value_and_grad(lambda x, w, f=f: jnp.sum(jnp.tanh(f(x, w)) ** 2), argnums=(0, 1)))
+    out[name] = (g(x, w)[1], _median_ms(g, x, w))
+  err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
+            for a, b in zip(out["literal"][0], out["rewrite"][0]))
+  if err > 1e-4:
+    raise AssertionError(f"upsample2x_conv gradients differ from the literal layer's by {err:.1e}")
+  return out["literal"][1], out["rewrite"][1]
 
 
 def _median_ms(f, *args, n=30):
@@ -109,6 +141,9 @@ def main():
         + "  ".join(f"{n} {v:.1f} ms" for n, v in totals.items()))
   print("per step, best lowering per shape: "
         f"{sum(c * best for c, best in zip((s[0] for s in SHAPES), best_per_shape)):.1f} ms")
+  literal, rewrite = upsample_rows(args.batch)
+  print(f" 4x attention upsampling 32 -> 64 px, 16 -> 8: literal {literal:.2f} ms  "
+        f"upsample2x_conv {rewrite:.2f} ms  literal/rewrite {literal / rewrite:.2f}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ class AttentionNet(nn.Module):
     h = PadConv(2 * self.width, 3, stride=2, padding="zeros", use_bias=False, dtype=self.dtype)(h)
     h = nn.relu(instance_norm(self.dtype)(h))
     for d in self.dilations:
-      h = ResBlock(2 * self.width, dilation=d, padding=self.padding, dtype=self.dtype)(h)
+      h = ResBlock(2 * self.width, dilation=d, padding=self.padding, dtype=self.dtype,
+                   rewrite=self.rewrite)(h)
     h = Upsample2x(self.width, mode="resize", padding=self.padding, dtype=self.dtype,
                    rewrite=self.rewrite)(h)
     h = nn.relu(instance_norm(self.dtype)(h))

@@ -35,6 +35,7 @@ import numpy as np
 from jax import lax
 
 from agcg_jax.errors import UserError
+from agcg_jax.models.direct_conv import conv3x3, supported as direct_supported
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -100,20 +101,31 @@ def _one_out_bwd(res, g):
 one_out.defvjp(_one_out_fwd, _one_out_bwd)
 
 
-def applies(x_shape, w_shape, window_strides=(1, 1), padding="VALID", lhs_dilation=None,
-            rhs_dilation=None, dimension_numbers=None, feature_group_count=1) -> bool:
-  """Whether a conv is one `conv_general_dilated` lowers itself (else lax's)."""
+def _plain_dilation(x_shape, w_shape, window_strides, padding, lhs_dilation, rhs_dilation,
+                    dimension_numbers, feature_group_count) -> int | None:
+  """The kernel dilation of a VALID, stride-1, ungrouped NHWC/HWIO conv with equal dilations; else None."""
   if len(x_shape) != 4 or feature_group_count != 1:
-    return False
+    return None
   if tuple(window_strides) != (1, 1) or not _is_valid(padding):
-    return False
-  if any(d is not None and tuple(d) != (1, 1) for d in (lhs_dilation, rhs_dilation)):
-    return False
+    return None
+  if lhs_dilation is not None and tuple(lhs_dilation) != (1, 1):
+    return None
+  d = (1, 1) if rhs_dilation is None else tuple(rhs_dilation)
+  if d[0] != d[1]:
+    return None
   if dimension_numbers is not None and (lax.conv_dimension_numbers(x_shape, w_shape, dimension_numbers)
                                         != lax.conv_dimension_numbers(x_shape, w_shape, _DIMS)):
-    return False
+    return None
+  return d[0]
+
+
+def applies(x_shape, w_shape, window_strides=(1, 1), padding="VALID", lhs_dilation=None,
+            rhs_dilation=None, dimension_numbers=None, feature_group_count=1) -> bool:
+  """Whether a conv is a thin one `conv_general_dilated` computes as matmuls."""
+  d = _plain_dilation(x_shape, w_shape, window_strides, padding, lhs_dilation, rhs_dilation,
+                      dimension_numbers, feature_group_count)
   k, k2, c, f = w_shape
-  return k == k2 and k >= 5 and (c == 1 or f == 1)
+  return d == 1 and k == k2 and k >= 5 and (c == 1 or f == 1)
 
 
 def _is_valid(padding) -> bool:
@@ -124,10 +136,14 @@ def _is_valid(padding) -> bool:
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, **kwargs):
-  """lax.conv_general_dilated, with thin k x k convs (k >= 5, one channel in or out) as matmuls."""
-  if applies(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
-             dimension_numbers, feature_group_count):
+  """lax.conv_general_dilated, with thin k x k convs (k >= 5, one channel in or out) as matmuls
+  and 3x3 convs of the widths direct_conv.py compiles on its kernel."""
+  args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
+  if applies(lhs.shape, rhs.shape, *args):
     return one_in(lhs, rhs) if rhs.shape[2] == 1 else one_out(lhs, rhs)
+  d = _plain_dilation(lhs.shape, rhs.shape, *args)
+  if d is not None and direct_supported(rhs.shape, lhs.dtype, rhs.dtype):
+    return conv3x3(lhs, rhs, d)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                   feature_group_count=feature_group_count, **kwargs)
@@ -152,7 +168,8 @@ def upsample2x_conv(x: jnp.ndarray, w: jnp.ndarray, padding: str = "reflect") ->
   taps = jnp.asarray(_PHASE_TAPS, w.dtype)
   w4 = jnp.einsum("pai,qbj,ijcf->abcpqf", taps, taps, w).reshape(3, 3, c, 4 * f)
   mode = "edge" if padding == "reflect" else "constant"
-  y = lax_conv(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=mode), w4)
+  y = conv_general_dilated(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=mode), w4, (1, 1), "VALID",
+                           dimension_numbers=_DIMS)
   y = y.reshape(n, h, width, 2, 2, f).transpose(0, 1, 3, 2, 4, 5)
   return y.reshape(n, 2 * h, 2 * width, f)
 

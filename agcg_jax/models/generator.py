@@ -34,10 +34,11 @@ class ResnetGenerator(nn.Module):
       h = PadConv(ch, 3, stride=2, padding="zeros", use_bias=False, dtype=self.dtype)(h)
       h = nn.relu(instance_norm(self.dtype)(h))
     for _ in range(self.num_res):
-      h = ResBlock(ch, padding=self.padding, dtype=self.dtype)(h)
+      h = ResBlock(ch, padding=self.padding, dtype=self.dtype, rewrite=self.rewrite)(h)
     for _ in range(self.num_down):
       ch //= 2
-      h = Upsample2x(ch, mode=self.upsample, padding=self.padding, dtype=self.dtype)(h)
+      h = Upsample2x(ch, mode=self.upsample, padding=self.padding, dtype=self.dtype,
+                     rewrite=self.rewrite)(h)
       h = nn.relu(instance_norm(self.dtype)(h))
     h = PadConv(out_ch, 7, padding=self.padding, dtype=self.dtype, rewrite=self.rewrite)(h)
     return jnp.tanh(h.astype(jnp.float32))

@@ -69,14 +69,15 @@ class ResBlock(nn.Module):
   dilation: int = 1
   padding: str = "reflect"
   dtype: Dtype = jnp.float32
+  rewrite: bool = False  # the 3x3 convs on the direct CPU kernel where it applies
 
   @nn.compact
   def __call__(self, x):
     h = PadConv(self.features, 3, dilation=self.dilation, padding=self.padding,
-                use_bias=False, dtype=self.dtype)(x)
+                use_bias=False, dtype=self.dtype, rewrite=self.rewrite)(x)
     h = nn.relu(instance_norm(self.dtype)(h))
     h = PadConv(self.features, 3, dilation=self.dilation, padding=self.padding,
-                use_bias=False, dtype=self.dtype)(h)
+                use_bias=False, dtype=self.dtype, rewrite=self.rewrite)(h)
     h = instance_norm(self.dtype)(h)
     return x + h
 
@@ -107,7 +108,7 @@ class Upsample2x(nn.Module):
   mode: str = "subpixel"
   padding: str = "reflect"
   dtype: Dtype = jnp.float32
-  rewrite: bool = False  # 'resize' as a sub-pixel conv (models/conv_rewrites.py)
+  rewrite: bool = False  # 'resize' as a sub-pixel conv; 3x3 convs on the direct CPU kernel
 
   @nn.compact
   def __call__(self, x):
@@ -115,7 +116,8 @@ class Upsample2x(nn.Module):
       return nn.ConvTranspose(self.features, (3, 3), strides=(2, 2),
                               padding="SAME", use_bias=False, dtype=self.dtype)(x)
     if self.mode == "subpixel":
-      x = PadConv(4 * self.features, 3, padding=self.padding, use_bias=False, dtype=self.dtype)(x)
+      x = PadConv(4 * self.features, 3, padding=self.padding, use_bias=False, dtype=self.dtype,
+                  rewrite=self.rewrite)(x)
       return depth_to_space(x, 2)
     if self.mode == "resize":
       return PadConv(self.features, 3, padding=self.padding, use_bias=False, dtype=self.dtype,

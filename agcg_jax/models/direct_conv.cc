@@ -1,0 +1,204 @@
+// Direct 3x3 convolution for XLA:CPU, as XLA FFI custom calls (agcg_jax/models/direct_conv.py
+// builds this file on first use and registers the two handlers).
+//
+// Stride 1, any dilation d, NHWC input already padded, HWIO kernel, float32:
+//   forward      y[b, r, x, k]  = sum_{i, j, c} in[b, r + i d, x + j d, c] w[i, j, c, k]
+//   kernel grad  dw[i, j, c, k] = sum_{b, r, x} in[b, r + i d, x + j d, c] g[b, r, x, k]
+// The input gradient is the forward of the padded output gradient with the flipped, transposed
+// kernel (direct_conv.py). Output channels are held in 16-float vectors (GCC/Clang vector
+// extensions: one AVX-512 register, two AVX2 ones); the channel counts are template parameters
+// so the inner loops unroll. Work is split over XLA's intra-op thread pool.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 Splat(float a) { return v16{} + a; }
+inline v16 Load(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void Store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// body(lo, hi) over [0, n) in chunks, on the pool's threads and the calling one. The caller waits
+// only for chunks some thread has claimed (so is running), never for a queued task: no deadlock
+// when every pool thread is itself inside such a call. `body` lives on the caller's stack and is
+// touched only by a thread holding a claimed chunk, i.e. before the caller returns.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& body) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = std::min<int64_t>(n, 2 * threads);
+  if (threads <= 1 || chunks <= 1) {
+    body(0, n);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, chunks, n, f = &body]() {
+    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
+      (*f)(c * n / chunks, (c + 1) * n / chunks);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+// PB consecutive output pixels of one row x KB blocks of 16 output channels, in registers.
+template <int C, int KB, int PB, bool FULL>
+inline void ForwardTile(const float* __restrict in, const float* __restrict w, float* __restrict out,
+                        int64_t wp, int64_t d, int64_t x0, int64_t np) {
+  constexpr int K = 16 * KB;
+  v16 acc[PB][KB];
+  for (int p = 0; p < PB; ++p)
+    for (int q = 0; q < KB; ++q) acc[p][q] = v16{};
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) {
+      const float* row = in + (i * d * wp + x0 + j * d) * C;
+      const float* tap = w + (i * 3 + j) * C * K;
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) {
+        v16 wv[KB];
+        for (int q = 0; q < KB; ++q) wv[q] = Load(tap + c * K + 16 * q);
+        for (int p = 0; p < PB; ++p) {
+          if (FULL || p < np) {
+            const v16 v = Splat(row[p * C + c]);
+            for (int q = 0; q < KB; ++q) acc[p][q] += v * wv[q];
+          }
+        }
+      }
+    }
+  for (int p = 0; p < PB; ++p)
+    if (FULL || p < np)
+      for (int q = 0; q < KB; ++q) Store(out + (x0 + p) * K + 16 * q, acc[p][q]);
+}
+
+template <int C, int KB>
+void Forward(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t batch,
+             int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t d) {
+  constexpr int K = 16 * KB, PB = 16 / KB;
+  ParallelFor(pool, batch * h, [&](int64_t lo, int64_t hi) {
+    for (int64_t br = lo; br < hi; ++br) {
+      const int64_t b = br / h, r = br % h;
+      const float* in = x + (b * hp + r) * wp * C;
+      float* out = y + (b * h + r) * wo * K;
+      int64_t x0 = 0;
+      for (; x0 + PB <= wo; x0 += PB) ForwardTile<C, KB, PB, true>(in, w, out, wp, d, x0, PB);
+      if (x0 < wo) ForwardTile<C, KB, PB, false>(in, w, out, wp, d, x0, wo - x0);
+    }
+  });
+}
+
+// One tap (i, j), CB input channels from c0 x KB blocks of 16 output channels, in registers.
+template <int C, int KB, int CB>
+void KernelGradTap(const float* __restrict x, const float* __restrict g, float* __restrict dw,
+                   int64_t batch, int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t d, int i,
+                   int j, int c0) {
+  constexpr int K = 16 * KB;
+  v16 acc[CB][KB];
+  for (int q = 0; q < CB; ++q)
+    for (int k = 0; k < KB; ++k) acc[q][k] = v16{};
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t r = 0; r < h; ++r) {
+      const float* in = x + ((b * hp + r + i * d) * wp + j * d) * C + c0;
+      const float* gr = g + (b * h + r) * wo * K;
+      for (int64_t col = 0; col < wo; ++col) {
+        v16 gv[KB];
+        for (int k = 0; k < KB; ++k) gv[k] = Load(gr + col * K + 16 * k);
+        for (int q = 0; q < CB; ++q) {
+          const v16 v = Splat(in[col * C + q]);
+          for (int k = 0; k < KB; ++k) acc[q][k] += v * gv[k];
+        }
+      }
+    }
+  for (int q = 0; q < CB; ++q)
+    for (int k = 0; k < KB; ++k) Store(dw + ((i * 3 + j) * C + c0 + q) * K + 16 * k, acc[q][k]);
+}
+
+template <int C, int KB>
+void KernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw, int64_t batch,
+                int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t d) {
+  constexpr int CB = (C < 16 / KB) ? C : 16 / KB;
+  constexpr int NC = C / CB;
+  ParallelFor(pool, 9 * NC, [&](int64_t lo, int64_t hi) {
+    for (int64_t u = lo; u < hi; ++u)
+      KernelGradTap<C, KB, CB>(x, g, dw, batch, hp, wp, h, wo, d, u / NC / 3, u / NC % 3,
+                               (u % NC) * CB);
+  });
+}
+
+// Channel counts compiled in; direct_conv.py's CHANNELS_IN / CHANNELS_OUT must list the same.
+#define AGCG_FOR_CHANNELS(FN, C, K, ...)                                                \
+  switch ((C) * 1000 + (K)) {                                                           \
+    case 8016: FN<8, 1>(__VA_ARGS__); break;                                            \
+    case 16016: FN<16, 1>(__VA_ARGS__); break;                                          \
+    case 32016: FN<32, 1>(__VA_ARGS__); break;                                          \
+    case 64016: FN<64, 1>(__VA_ARGS__); break;                                          \
+    case 8032: FN<8, 2>(__VA_ARGS__); break;                                            \
+    case 16032: FN<16, 2>(__VA_ARGS__); break;                                          \
+    case 32032: FN<32, 2>(__VA_ARGS__); break;                                          \
+    case 64032: FN<64, 2>(__VA_ARGS__); break;                                          \
+    case 8064: FN<8, 4>(__VA_ARGS__); break;                                            \
+    case 16064: FN<16, 4>(__VA_ARGS__); break;                                          \
+    case 32064: FN<32, 4>(__VA_ARGS__); break;                                          \
+    case 64064: FN<64, 4>(__VA_ARGS__); break;                                          \
+    default: return ffi::Error::InvalidArgument("agcg direct conv: channel counts not compiled in"); \
+  }
+
+ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+                       ffi::Span<const int64_t> y, int64_t d) {
+  if (x.size() != 4 || w.size() != 4 || y.size() != 4 || w[0] != 3 || w[1] != 3 || w[2] != x[3] ||
+      y[0] != x[0] || y[1] != x[1] - 2 * d || y[2] != x[2] - 2 * d || y[3] != w[3] || d < 1)
+    return ffi::Error::InvalidArgument("agcg direct conv: shapes do not match a 3x3 VALID conv");
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t dilation) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (auto err = CheckShapes(xd, wd, yd, dilation); err.failure()) return err;
+  AGCG_FOR_CHANNELS(Forward, xd[3], wd[3], pool, x.typed_data(), w.typed_data(), y->typed_data(),
+                    xd[0], xd[1], xd[2], yd[1], yd[2], dilation);
+  return ffi::Error::Success();
+}
+
+ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                          ffi::ResultBuffer<ffi::F32> dw, int64_t dilation) {
+  auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
+  if (auto err = CheckShapes(xd, wd, gd, dilation); err.failure()) return err;
+  AGCG_FOR_CHANNELS(KernelGrad, xd[3], gd[3], pool, x.typed_data(), g.typed_data(),
+                    dw->typed_data(), xd[0], xd[1], xd[2], gd[1], gd[2], dilation);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgConv3x3Forward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("dilation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgConv3x3KernelGrad, KernelGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("dilation"));

@@ -1,0 +1,86 @@
+"""The direct 3x3 conv kernel (models/direct_conv.py, an XLA FFI call) gives XLA's sums and gradients."""
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from agcg_jax import models as M
+from agcg_jax.models import conv_rewrites as R
+from agcg_jax.models import direct_conv as D
+
+pytestmark = pytest.mark.skipif(not D.load(), reason="no C++ compiler: the kernel is not built")
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def _lax(d):
+  return lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "VALID", rhs_dilation=(d, d),
+                                               dimension_numbers=_DIMS)
+
+
+def _value_and_grads(conv, x, w):
+  return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.tanh(conv(x, w)) ** 2),
+                                    argnums=(0, 1)))(x, w)
+
+
+# Odd output widths (not whole register tiles), every compiled output width, and an input
+# gradient the kernel cannot take (8 output channels: XLA's).
+@pytest.mark.parametrize("cin, cout, d, hw", [
+    (16, 16, 1, (9, 13)), (16, 16, 2, (12, 11)), (32, 32, 1, (7, 9)), (8, 16, 4, (14, 10)),
+    (64, 16, 1, (6, 5)), (16, 64, 1, (5, 6)), (32, 32, 3, (10, 10))])
+def test_kernel_equals_xla_forward_and_gradients(cin, cout, d, hw):
+  x = jax.random.normal(jax.random.key(0), (3, hw[0] + 2 * d, hw[1] + 2 * d, cin))
+  w = 0.1 * jax.random.normal(jax.random.key(1), (3, 3, cin, cout))
+  conv = lambda x, w: D.conv3x3(x, w, d)
+  np.testing.assert_allclose(jax.jit(conv)(x, w), _lax(d)(x, w), rtol=1e-4, atol=1e-4)
+  (v1, (dx1, dw1)), (v2, (dx2, dw2)) = _value_and_grads(_lax(d), x, w), _value_and_grads(conv, x, w)
+  np.testing.assert_allclose(v2, v1, rtol=1e-5)
+  for a, b in ((dx1, dx2), (dw1, dw2)):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(a)))
+
+
+def _uses_kernel(fn, *args) -> bool:
+  return "ffi_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_conv_general_dilated_takes_the_kernel_only_where_it_applies():
+  x16, w16 = jnp.ones((2, 10, 10, 16)), jnp.ones((3, 3, 16, 16))
+  conv = lambda x, w, **kw: R.conv_general_dilated(x, w, kw.pop("s", (1, 1)), kw.pop("p", "VALID"),
+                                                   dimension_numbers=_DIMS, **kw)
+  assert _uses_kernel(conv, x16, w16)
+  assert _uses_kernel(lambda x, w: conv(x, w, rhs_dilation=(2, 2)), x16, w16)
+  assert not _uses_kernel(lambda x, w: conv(x, w, s=(2, 2)), x16, w16)          # strided
+  assert not _uses_kernel(lambda x, w: conv(x, w, p="SAME"), x16, w16)          # padded by XLA
+  assert not _uses_kernel(lambda x, w: conv(x, w, rhs_dilation=(1, 2)), x16, w16)
+  assert not _uses_kernel(conv, jnp.ones((2, 10, 10, 3)), jnp.ones((3, 3, 3, 16)))  # 3 channels
+  assert not _uses_kernel(conv, x16, jnp.ones((3, 3, 16, 8)))                   # 8 outputs
+  assert not _uses_kernel(conv, x16.astype(jnp.bfloat16), w16.astype(jnp.bfloat16))
+  assert not _uses_kernel(conv, jnp.ones((2, 10, 10, 16)), jnp.ones((5, 5, 16, 16)))
+
+
+def test_networks_with_rewrites_use_the_kernel():
+  # That they stay the same function: tests/test_conv_rewrites.py (width 8: 16-channel blocks).
+  x = jnp.zeros((2, 16, 16, 1))
+  for net in (M.AttentionNet(width=8, dilations=(1, 2), rewrite=True),
+              M.ResnetGenerator(width=4, num_res=1, rewrite=True)):
+    params = net.init(jax.random.key(3), x)
+    assert _uses_kernel(lambda p: net.apply(p, x), params)
+    assert _uses_kernel(jax.grad(lambda p: jnp.sum(net.apply(p, x))), params)
+
+
+def test_a_failed_build_falls_back_with_one_warning(caplog):
+  def broken():
+    raise RuntimeError("no C++ compiler 'c++-missing' on PATH (set CXX)")
+  with caplog.at_level(logging.WARNING):
+    assert D._load(broken) is False
+  assert "c++-missing" in caplog.text and "using XLA's convolutions" in caplog.text
+  with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'c\\+\\+-missing'"):
+    D.build(cxx="c++-missing")
+
+
+def test_build_is_cached_per_source(tmp_path):
+  lib = D.build()
+  assert lib.exists() and D.build() == lib      # found, not rebuilt
+  assert lib.name.startswith("direct_conv-") and lib.parent == D.cache_dir()

@@ -31,13 +31,20 @@ inline v16 Load(const float* p) {
 }
 inline void Store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// body(lo, hi) over [0, n) in chunks, on the pool's threads and the calling one. The caller waits
-// only for chunks some thread has claimed (so is running), never for a queued task: no deadlock
-// when every pool thread is itself inside such a call. `body` lives on the caller's stack and is
-// touched only by a thread holding a claimed chunk, i.e. before the caller returns.
+// Below this many multiply-adds a call runs on the calling thread alone: at the demo's sizes XLA
+// already runs independent ops on the other cores, and splitting small calls made the step slower
+// and its time erratic (2 cores: 96-134 ms per step threaded, 105-108 single; 2026-11-29).
+constexpr int64_t kMinParallelMacs = int64_t{1} << 25;
+
+// body(lo, hi) over [0, n) items of `macs_per_item` work, in chunks on the pool's threads and the
+// calling one. The caller waits only for chunks some thread has claimed (so is running), never for
+// a queued task: no deadlock when every pool thread is itself inside such a call. `body` lives on
+// the caller's stack and is touched only by a thread holding a claimed chunk, i.e. before the
+// caller returns.
 template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& body) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t macs_per_item, const F& body) {
+  const int64_t threads =
+      n * macs_per_item < kMinParallelMacs ? 1 : std::max<int64_t>(1, pool.num_threads());
   const int64_t chunks = std::min<int64_t>(n, 2 * threads);
   if (threads <= 1 || chunks <= 1) {
     body(0, n);
@@ -91,7 +98,7 @@ template <int C, int KB>
 void Forward(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t batch,
              int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t d) {
   constexpr int K = 16 * KB, PB = 16 / KB;
-  ParallelFor(pool, batch * h, [&](int64_t lo, int64_t hi) {
+  ParallelFor(pool, batch * h, wo * 9 * C * K, [&](int64_t lo, int64_t hi) {
     for (int64_t br = lo; br < hi; ++br) {
       const int64_t b = br / h, r = br % h;
       const float* in = x + (b * hp + r) * wp * C;
@@ -134,7 +141,7 @@ void KernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw
                 int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t d) {
   constexpr int CB = (C < 16 / KB) ? C : 16 / KB;
   constexpr int NC = C / CB;
-  ParallelFor(pool, 9 * NC, [&](int64_t lo, int64_t hi) {
+  ParallelFor(pool, 9 * NC, batch * h * wo * CB * 16 * KB, [&](int64_t lo, int64_t hi) {
     for (int64_t u = lo; u < hi; ++u)
       KernelGradTap<C, KB, CB>(x, g, dw, batch, hp, wp, h, wo, d, u / NC / 3, u / NC % 3,
                                (u % NC) * CB);

@@ -78,8 +78,11 @@ def build(cxx: str | None = None, out_dir: Path | None = None) -> Path:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # built aside, then renamed: atomic
   os.close(fd)
   try:
-    done = subprocess.run([exe, *FLAGS, "-I", include, "-o", tmp, str(SOURCE)],
-                          capture_output=True, text=True, timeout=600)
+    try:
+      done = subprocess.run([exe, *FLAGS, "-I", include, "-o", tmp, str(SOURCE)],
+                            capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as e:
+      raise RuntimeError(f"{cxx} failed on {SOURCE.name}: {e}") from e
     if done.returncode != 0:
       last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
       raise RuntimeError(f"{cxx} failed on {SOURCE.name}: {last}")

@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 
 from agcg_jax.errors import UserError
-from agcg_jax.models.direct_conv import conv3x3, supported as direct_supported
+from agcg_jax.models.cpu_kernels import conv3x3, supported as direct_supported
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -137,7 +137,7 @@ def _is_valid(padding) -> bool:
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, **kwargs):
   """lax.conv_general_dilated, with thin k x k convs (k >= 5, one channel in or out) as matmuls
-  and 3x3 convs of the widths direct_conv.py compiles on its kernel."""
+  and 3x3 convs of the widths cpu_kernels.py compiles on its kernel."""
   args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
   if applies(lhs.shape, rhs.shape, *args):
     return one_in(lhs, rhs) if rhs.shape[2] == 1 else one_out(lhs, rhs)

@@ -27,18 +27,18 @@ class ResnetGenerator(nn.Module):
     x = x.astype(self.dtype)
     h = PadConv(self.width, 7, padding=self.padding, use_bias=False, dtype=self.dtype,
                 rewrite=self.rewrite)(x)
-    h = nn.relu(instance_norm(self.dtype)(h))
+    h = nn.relu(instance_norm(self.dtype, rewrite=self.rewrite)(h))
     ch = self.width
     for _ in range(self.num_down):
       ch *= 2
       h = PadConv(ch, 3, stride=2, padding="zeros", use_bias=False, dtype=self.dtype)(h)
-      h = nn.relu(instance_norm(self.dtype)(h))
+      h = nn.relu(instance_norm(self.dtype, rewrite=self.rewrite)(h))
     for _ in range(self.num_res):
       h = ResBlock(ch, padding=self.padding, dtype=self.dtype, rewrite=self.rewrite)(h)
     for _ in range(self.num_down):
       ch //= 2
       h = Upsample2x(ch, mode=self.upsample, padding=self.padding, dtype=self.dtype,
                      rewrite=self.rewrite)(h)
-      h = nn.relu(instance_norm(self.dtype)(h))
+      h = nn.relu(instance_norm(self.dtype, rewrite=self.rewrite)(h))
     h = PadConv(out_ch, 7, padding=self.padding, dtype=self.dtype, rewrite=self.rewrite)(h)
     return jnp.tanh(h.astype(jnp.float32))

@@ -7,8 +7,10 @@ weights and Adam moments in full precision).
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+import agcg_jax.models.cpu_kernels as cpu_kernels
 from agcg_jax.models.conv_rewrites import conv_general_dilated as rewritten_conv
 from agcg_jax.models.conv_rewrites import upsample2x_conv
 
@@ -55,12 +57,33 @@ class PadConv(nn.Module):
                    conv_general_dilated=conv_fn)(x)
 
 
-def instance_norm(dtype: Dtype, name: str | None = None) -> nn.Module:
+def instance_norm(dtype: Dtype, name: str | None = None, rewrite: bool = False) -> nn.Module:
   # A conv followed by instance norm carries no bias: the norm subtracts it
   # again, so its gradient is zero up to rounding, which Adam would amplify
   # into noise of the size of the learning rate.
   # Statistics are computed in float32 by flax even for bfloat16 inputs.
+  if rewrite:
+    return InstanceNorm(epsilon=1e-5, dtype=dtype, name=name)
   return nn.InstanceNorm(epsilon=1e-5, dtype=dtype, name=name)
+
+
+class InstanceNorm(nn.Module):
+  """flax's nn.InstanceNorm (same name, same parameters: checkpoints load either way) on the CPU
+  kernel (models/cpu_kernels.py) where it applies, else the same formula in float32."""
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    if cpu_kernels.norm_supported(x.shape, x.dtype):
+      return cpu_kernels.instance_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
+    return ((x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
 
 
 class ResBlock(nn.Module):
@@ -69,16 +92,16 @@ class ResBlock(nn.Module):
   dilation: int = 1
   padding: str = "reflect"
   dtype: Dtype = jnp.float32
-  rewrite: bool = False  # the 3x3 convs on the direct CPU kernel where it applies
+  rewrite: bool = False  # convs and norms on the CPU kernels where they apply
 
   @nn.compact
   def __call__(self, x):
     h = PadConv(self.features, 3, dilation=self.dilation, padding=self.padding,
                 use_bias=False, dtype=self.dtype, rewrite=self.rewrite)(x)
-    h = nn.relu(instance_norm(self.dtype)(h))
+    h = nn.relu(instance_norm(self.dtype, rewrite=self.rewrite)(h))
     h = PadConv(self.features, 3, dilation=self.dilation, padding=self.padding,
                 use_bias=False, dtype=self.dtype, rewrite=self.rewrite)(h)
-    h = instance_norm(self.dtype)(h)
+    h = instance_norm(self.dtype, rewrite=self.rewrite)(h)
     return x + h
 
 

@@ -1,15 +1,16 @@
-// Direct 3x3 convolution for XLA:CPU, as XLA FFI custom calls (agcg_jax/models/direct_conv.py
-// builds this file on first use and registers the two handlers).
+// Kernels for XLA:CPU, as XLA FFI custom calls (agcg_jax/models/cpu_kernels.py builds this file on
+// first use and registers the handlers): a direct 3x3 convolution and instance norm.
 //
-// Stride 1, any dilation d, NHWC input already padded, HWIO kernel, float32:
+// Convolution: stride 1, any dilation d, NHWC input already padded, HWIO kernel, float32:
 //   forward      y[b, r, x, k]  = sum_{i, j, c} in[b, r + i d, x + j d, c] w[i, j, c, k]
 //   kernel grad  dw[i, j, c, k] = sum_{b, r, x} in[b, r + i d, x + j d, c] g[b, r, x, k]
 // The input gradient is the forward of the padded output gradient with the flipped, transposed
-// kernel (direct_conv.py). Output channels are held in 16-float vectors (GCC/Clang vector
+// kernel (cpu_kernels.py). Output channels are held in 16-float vectors (GCC/Clang vector
 // extensions: one AVX-512 register, two AVX2 ones); the channel counts are template parameters
 // so the inner loops unroll. Work is split over XLA's intra-op thread pool.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -148,7 +149,7 @@ void KernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw
   });
 }
 
-// Channel counts compiled in; direct_conv.py's CHANNELS_IN / CHANNELS_OUT must list the same.
+// Channel counts compiled in; cpu_kernels.py's CHANNELS_IN / CHANNELS_OUT must list the same.
 #define AGCG_FOR_CHANNELS(FN, C, K, ...)                                                \
   switch ((C) * 1000 + (K)) {                                                           \
     case 8016: FN<8, 1>(__VA_ARGS__); break;                                            \
@@ -192,6 +193,108 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+
+// ---- Instance norm over (H, W) per image and channel, NHWC ----
+//   forward   y = (x - mean) * rstd * scale + bias, rstd = 1 / sqrt(var + eps) (two-pass variance);
+//             also returns mean and rstd [B, C] for the backward.
+//   backward  with xhat = (x - mean) * rstd and P pixels per image:
+//             dbias = sum g, dscale = sum g * xhat (over B, H, W),
+//             dx = rstd * scale * (g - sum_p(g) / P - xhat * sum_p(g * xhat) / P).
+// Channels are the inner, vectorised loop; C is a template parameter (cpu_kernels.py's NORM_CHANNELS).
+template <int C>
+void NormForward(const float* x, const float* scale, const float* bias, float* y, float* mean,
+                 float* rstd, int64_t batch, int64_t pixels, float eps) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xb = x + b * pixels * C;
+    float* yb = y + b * pixels * C;
+    float m[C] = {}, v[C] = {}, r[C], a[C], s[C];
+    for (int64_t p = 0; p < pixels; ++p)
+      for (int c = 0; c < C; ++c) m[c] += xb[p * C + c];
+    for (int c = 0; c < C; ++c) m[c] /= pixels;
+    for (int64_t p = 0; p < pixels; ++p)
+      for (int c = 0; c < C; ++c) {
+        const float t = xb[p * C + c] - m[c];
+        v[c] += t * t;
+      }
+    for (int c = 0; c < C; ++c) {
+      r[c] = 1.0f / std::sqrt(v[c] / pixels + eps);
+      a[c] = r[c] * scale[c];
+      s[c] = bias[c] - m[c] * a[c];
+      mean[b * C + c] = m[c];
+      rstd[b * C + c] = r[c];
+    }
+    for (int64_t p = 0; p < pixels; ++p)
+      for (int c = 0; c < C; ++c) yb[p * C + c] = xb[p * C + c] * a[c] + s[c];
+  }
+}
+
+template <int C>
+void NormBackward(const float* x, const float* scale, const float* mean, const float* rstd,
+                  const float* g, float* dx, float* dscale, float* dbias, int64_t batch,
+                  int64_t pixels) {
+  for (int c = 0; c < C; ++c) dscale[c] = dbias[c] = 0.0f;
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xb = x + b * pixels * C;
+    const float* gb = g + b * pixels * C;
+    float* db = dx + b * pixels * C;
+    const float* m = mean + b * C;
+    const float* r = rstd + b * C;
+    float sg[C] = {}, sgx[C] = {}, k[C], kg[C], kx[C];
+    for (int64_t p = 0; p < pixels; ++p)
+      for (int c = 0; c < C; ++c) {
+        sg[c] += gb[p * C + c];
+        sgx[c] += gb[p * C + c] * (xb[p * C + c] - m[c]);
+      }
+    for (int c = 0; c < C; ++c) {
+      sgx[c] *= r[c];  // sum g * xhat
+      dbias[c] += sg[c];
+      dscale[c] += sgx[c];
+      k[c] = r[c] * scale[c];
+      kg[c] = k[c] * sg[c] / pixels;
+      kx[c] = k[c] * sgx[c] / pixels * r[c];  // on (x - mean)
+    }
+    for (int64_t p = 0; p < pixels; ++p)
+      for (int c = 0; c < C; ++c)
+        db[p * C + c] = k[c] * gb[p * C + c] - kg[c] - kx[c] * (xb[p * C + c] - m[c]);
+  }
+}
+
+#define AGCG_FOR_NORM_CHANNELS(FN, C, ...)                                                 \
+  switch (C) {                                                                             \
+    case 8: FN<8>(__VA_ARGS__); break;                                                     \
+    case 16: FN<16>(__VA_ARGS__); break;                                                   \
+    case 32: FN<32>(__VA_ARGS__); break;                                                   \
+    case 64: FN<64>(__VA_ARGS__); break;                                                   \
+    default: return ffi::Error::InvalidArgument("agcg instance norm: channels not compiled in"); \
+  }
+
+ffi::Error NormForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                           ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> rstd,
+                           float epsilon) {
+  auto xd = x.dimensions();
+  if (xd.size() != 4 || scale.element_count() != xd[3] || bias.element_count() != xd[3])
+    return ffi::Error::InvalidArgument("agcg instance norm: shapes do not match [B, H, W, C]");
+  AGCG_FOR_NORM_CHANNELS(NormForward, xd[3], x.typed_data(), scale.typed_data(), bias.typed_data(),
+                         y->typed_data(), mean->typed_data(), rstd->typed_data(), xd[0],
+                         xd[1] * xd[2], epsilon);
+  return ffi::Error::Success();
+}
+
+ffi::Error NormBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                            ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd,
+                            ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dx,
+                            ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dbias) {
+  auto xd = x.dimensions();
+  if (xd.size() != 4 || scale.element_count() != xd[3] || g.element_count() != x.element_count() ||
+      mean.element_count() != xd[0] * xd[3] || rstd.element_count() != xd[0] * xd[3])
+    return ffi::Error::InvalidArgument("agcg instance norm: shapes do not match [B, H, W, C]");
+  AGCG_FOR_NORM_CHANNELS(NormBackward, xd[3], x.typed_data(), scale.typed_data(),
+                         mean.typed_data(), rstd.typed_data(), g.typed_data(), dx->typed_data(),
+                         dscale->typed_data(), dbias->typed_data(), xd[0], xd[1] * xd[2]);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgConv3x3Forward, ForwardImpl,
@@ -209,3 +312,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgConv3x3KernelGrad, KernelGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("dilation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgInstanceNormForward, NormForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("epsilon"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgInstanceNormBackward, NormBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

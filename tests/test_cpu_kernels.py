@@ -1,6 +1,7 @@
-"""The direct 3x3 conv kernel (models/direct_conv.py, an XLA FFI call) gives XLA's sums and gradients."""
+"""Our XLA:CPU kernels (models/cpu_kernels.py, XLA FFI calls) give XLA's and flax's sums and gradients."""
 import logging
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,8 @@ from jax import lax
 
 from agcg_jax import models as M
 from agcg_jax.models import conv_rewrites as R
-from agcg_jax.models import direct_conv as D
+from agcg_jax.models import cpu_kernels as D
+from agcg_jax.models.layers import InstanceNorm
 
 pytestmark = pytest.mark.skipif(not D.load(), reason="no C++ compiler: the kernel is not built")
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -41,8 +43,8 @@ def test_kernel_equals_xla_forward_and_gradients(cin, cout, d, hw):
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(a)))
 
 
-def _uses_kernel(fn, *args) -> bool:
-  return "ffi_call" in str(jax.make_jaxpr(fn)(*args))
+def _uses_kernel(fn, *args, target="agcg_conv3x3") -> bool:
+  return target in str(jax.make_jaxpr(fn)(*args))
 
 
 def test_conv_general_dilated_takes_the_kernel_only_where_it_applies():
@@ -60,14 +62,15 @@ def test_conv_general_dilated_takes_the_kernel_only_where_it_applies():
   assert not _uses_kernel(conv, jnp.ones((2, 10, 10, 16)), jnp.ones((5, 5, 16, 16)))
 
 
-def test_networks_with_rewrites_use_the_kernel():
+def test_networks_with_rewrites_use_the_kernels():
   # That they stay the same function: tests/test_conv_rewrites.py (width 8: 16-channel blocks).
   x = jnp.zeros((2, 16, 16, 1))
   for net in (M.AttentionNet(width=8, dilations=(1, 2), rewrite=True),
               M.ResnetGenerator(width=4, num_res=1, rewrite=True)):
     params = net.init(jax.random.key(3), x)
-    assert _uses_kernel(lambda p: net.apply(p, x), params)
-    assert _uses_kernel(jax.grad(lambda p: jnp.sum(net.apply(p, x))), params)
+    for target in ("agcg_conv3x3", "agcg_instance_norm"):
+      assert _uses_kernel(lambda p: net.apply(p, x), params, target=target)
+      assert _uses_kernel(jax.grad(lambda p: jnp.sum(net.apply(p, x))), params, target=target)
 
 
 def test_a_failed_build_falls_back_with_one_warning(caplog):
@@ -75,7 +78,7 @@ def test_a_failed_build_falls_back_with_one_warning(caplog):
     raise RuntimeError("no C++ compiler 'c++-missing' on PATH (set CXX)")
   with caplog.at_level(logging.WARNING):
     assert D._load(broken) is False
-  assert "c++-missing" in caplog.text and "using XLA's convolutions" in caplog.text
+  assert "c++-missing" in caplog.text and "using XLA's convolutions and flax's instance norm" in caplog.text
   with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'c\\+\\+-missing'"):
     D.build(cxx="c++-missing")
 
@@ -83,4 +86,21 @@ def test_a_failed_build_falls_back_with_one_warning(caplog):
 def test_build_is_cached_per_source(tmp_path):
   lib = D.build()
   assert lib.exists() and D.build() == lib      # found, not rebuilt
-  assert lib.name.startswith("direct_conv-") and lib.parent == D.cache_dir()
+  assert lib.name.startswith("cpu_kernels-") and lib.parent == D.cache_dir()
+
+
+@pytest.mark.parametrize("c, hw", [(8, (9, 13)), (16, (16, 16)), (32, (5, 7)), (64, (4, 3)),
+                                   (3, (6, 6))])  # 3 channels: not compiled in, the same formula
+def test_instance_norm_equals_flax_forward_and_gradients(c, hw):
+  x = 2.0 + 3.0 * jax.random.normal(jax.random.key(4), (3, *hw, c))  # an offset, as after a conv
+  ref, ours = nn.InstanceNorm(epsilon=1e-5), InstanceNorm(epsilon=1e-5)
+  params = {"params": {"scale": 1.0 + 0.5 * jax.random.normal(jax.random.key(5), (c,)),
+                       "bias": jax.random.normal(jax.random.key(6), (c,))}}
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, params)
+  assert _uses_kernel(lambda x: ours.apply(params, x), x, target="agcg_instance_norm") == (c != 3)
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-4, atol=1e-4)
+  weight = jax.random.normal(jax.random.key(7), x.shape)  # a loss whose gradient differs per pixel
+  grads = [jax.jit(jax.grad(lambda p, x, m=m: jnp.sum(weight * jnp.tanh(m.apply(p, x))),
+                            argnums=(0, 1)))(params, x) for m in (ref, ours)]
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * float(jnp.max(jnp.abs(a)))

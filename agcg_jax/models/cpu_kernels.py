@@ -1,20 +1,24 @@
-"""A direct 3x3 convolution for XLA:CPU: an XLA FFI custom call, built from C++ on first use.
+"""Kernels for XLA:CPU of our own: XLA FFI custom calls, built from C++ on first use.
 
-XLA:CPU runs the networks' 3x3 convolutions of 8-64 channels at 16-32 px (the dilated residual
-blocks of the attention net, the generator's residual and sub-pixel convs) at a third to a half
-of what a core can do; they are the largest part of the demo step (docs/benchmarks.md "Speed").
-`direct_conv.cc` computes the same sums with the output channels in vector registers and the
-channel counts as compile-time constants: forward and kernel gradient of a 16 -> 16, dilation 2
-layer at 32 px, batch 4, one core: 0.25 and 0.25 ms against XLA's 0.47 and 0.35 ms.
+XLA:CPU runs two parts of these networks well below what a core can do (docs/benchmarks.md
+"Speed"): the 3x3 convolutions of 8-64 channels at 16-32 px (the attention net's dilated residual
+blocks, the generator's residual and sub-pixel convs) and instance norm over 8-64 channels.
+`cpu_kernels.cc` computes the same sums with the channels in vector registers and the channel
+counts as compile-time constants:
+  conv3x3        VALID, stride 1, any dilation; forward and kernel gradient are FFI calls, the input
+                 gradient is the forward of the padded output gradient with the flipped, transposed
+                 kernel. Forward and kernel gradient of a 16 -> 16, dilation 2 layer at 32 px,
+                 batch 4, one core: 0.25 and 0.25 ms against XLA's 0.47 and 0.35 ms.
+  instance_norm  flax's nn.InstanceNorm (two-pass variance), forward and backward FFI calls.
 
 The source is compiled once per machine (`$CXX` or g++, -O3 -march=native) into
 `$AGCG_KERNEL_CACHE` (default ~/.cache/agcg_jax), keyed by the source, the compiler, the flags,
-jaxlib and the CPU, and loaded with ctypes. Without a compiler, or if the build fails, `load()`
-says so in one warning and the convs stay XLA's (same results). `model.conv_rewrites` turns it
-on with the other rewrites (conv_rewrites.py).
+jax and the CPU, and loaded with ctypes. Without a compiler, or if the build fails, `load()` says
+so in one warning and the layers stay XLA's / flax's (same results). `model.conv_rewrites` turns
+them on with the other rewrites (conv_rewrites.py; layers.InstanceNorm).
 
-Under a plain jit with the batch sharded over several devices XLA gathers the batch for the
-custom call (correct, not faster); the training step runs each device's shard in shard_map.
+Under a plain jit with the batch sharded over several devices XLA gathers the batch for a custom
+call (correct, not faster); the training step runs each device's shard in shard_map.
 """
 import ctypes
 import functools
@@ -32,12 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-SOURCE = Path(__file__).with_name("direct_conv.cc")
-# The channel counts direct_conv.cc compiles in (its AGCG_FOR_CHANNELS).
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+# The channel counts cpu_kernels.cc compiles in (AGCG_FOR_CHANNELS, AGCG_FOR_NORM_CHANNELS).
 CHANNELS_IN = (8, 16, 32, 64)
 CHANNELS_OUT = (16, 32, 64)
+NORM_CHANNELS = (8, 16, 32, 64)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_FORWARD, _KERNEL_GRAD = "agcg_conv3x3_forward", "agcg_conv3x3_kernel_grad"
+_TARGETS = {"agcg_conv3x3_forward": "AgcgConv3x3Forward",
+            "agcg_conv3x3_kernel_grad": "AgcgConv3x3KernelGrad",
+            "agcg_instance_norm_forward": "AgcgInstanceNormForward",
+            "agcg_instance_norm_backward": "AgcgInstanceNormBackward"}
 _DIMS = ("NHWC", "HWIO", "NHWC")
 _libs = []  # loaded libraries stay referenced for the process's life
 
@@ -71,7 +79,7 @@ def build(cxx: str | None = None, out_dir: Path | None = None) -> Path:
   key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *FLAGS, jax.__version__,
                                   _cpu_id()]).encode()).hexdigest()[:16]
   out_dir = Path(out_dir or cache_dir())
-  lib = out_dir / f"direct_conv-{key}.so"
+  lib = out_dir / f"cpu_kernels-{key}.so"
   if lib.exists():
     return lib
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,21 +111,24 @@ def _load(builder) -> bool:
   try:
     lib = ctypes.cdll.LoadLibrary(str(builder()))
   except (RuntimeError, OSError) as e:
-    log.warning("direct 3x3 conv kernel unavailable, using XLA's convolutions: %s", e)
+    log.warning("CPU kernels unavailable, using XLA's convolutions and flax's instance norm: %s", e)
     return False
   _libs.append(lib)
-  jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.AgcgConv3x3Forward), platform="cpu")
-  jax.ffi.register_ffi_target(_KERNEL_GRAD, jax.ffi.pycapsule(lib.AgcgConv3x3KernelGrad),
-                              platform="cpu")
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   return True
+
+
+def _on_cpu(*dtypes) -> bool:
+  return (all(jnp.dtype(t) == jnp.float32 for t in dtypes) and jax.default_backend() == "cpu"
+          and load())
 
 
 def supported(w_shape, *dtypes) -> bool:
   """Whether a VALID stride-1 conv with this HWIO kernel (and operands of `dtypes`) runs on the
   direct kernel here: float32, the channel counts compiled in, the CPU backend, a built library."""
   return (tuple(w_shape[:2]) == (3, 3) and w_shape[2] in CHANNELS_IN and w_shape[3] in CHANNELS_OUT
-          and all(jnp.dtype(t) == jnp.float32 for t in dtypes) and jax.default_backend() == "cpu"
-          and load())
+          and _on_cpu(*dtypes))
 
 
 def _forward(x, w, d: int):
@@ -126,7 +137,7 @@ def _forward(x, w, d: int):
                                     dimension_numbers=_DIMS)
   b, h, width, _ = x.shape
   out = jax.ShapeDtypeStruct((b, h - 2 * d, width - 2 * d, w.shape[3]), jnp.float32)
-  return jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(x, w, dilation=np.int64(d))
+  return jax.ffi.ffi_call("agcg_conv3x3_forward", out, vmap_method="sequential")(x, w, dilation=np.int64(d))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -144,9 +155,45 @@ def _conv3x3_bwd(dilation, res, g):
   p = 2 * dilation
   dx = _forward(jnp.pad(g, ((0, 0), (p, p), (p, p), (0, 0))),
                 jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), dilation)
-  dw = jax.ffi.ffi_call(_KERNEL_GRAD, jax.ShapeDtypeStruct(w.shape, jnp.float32),
+  dw = jax.ffi.ffi_call("agcg_conv3x3_kernel_grad", jax.ShapeDtypeStruct(w.shape, jnp.float32),
                         vmap_method="sequential")(x, g, dilation=np.int64(dilation))
   return dx, dw
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+def norm_supported(x_shape, dtype) -> bool:
+  """Whether instance norm of an [B, H, W, C] input of `dtype` runs on the kernel here."""
+  return len(x_shape) == 4 and x_shape[-1] in NORM_CHANNELS and _on_cpu(dtype)
+
+
+def _norm_forward(x, scale, bias, epsilon: float):
+  stats = jax.ShapeDtypeStruct((x.shape[0], x.shape[-1]), jnp.float32)
+  return jax.ffi.ffi_call("agcg_instance_norm_forward",
+                          (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats),
+                          vmap_method="sequential")(x, scale, bias, epsilon=np.float32(epsilon))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def instance_norm(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray,
+                  epsilon: float = 1e-5) -> jnp.ndarray:
+  """(x - mean) / sqrt(var + epsilon) * scale + bias, statistics over H, W of each image and
+  channel of an NHWC float32 x (see `norm_supported`)."""
+  return _norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _instance_norm_fwd(x, scale, bias, epsilon):
+  y, mean, rstd = _norm_forward(x, scale, bias, epsilon)
+  return y, (x, scale, mean, rstd)
+
+
+def _instance_norm_bwd(epsilon, res, g):
+  x, scale, mean, rstd = res
+  vec = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+  return jax.ffi.ffi_call("agcg_instance_norm_backward",
+                          (jax.ShapeDtypeStruct(x.shape, jnp.float32), vec, vec),
+                          vmap_method="sequential")(x, scale, mean, rstd, g)
+
+
+instance_norm.defvjp(_instance_norm_fwd, _instance_norm_bwd)

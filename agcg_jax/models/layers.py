@@ -62,14 +62,14 @@ def instance_norm(dtype: Dtype, name: str | None = None, rewrite: bool = False) 
   # again, so its gradient is zero up to rounding, which Adam would amplify
   # into noise of the size of the learning rate.
   # Statistics are computed in float32 by flax even for bfloat16 inputs.
-  if rewrite:
+  if rewrite and jax.default_backend() == "cpu" and cpu_kernels.load():
     return InstanceNorm(epsilon=1e-5, dtype=dtype, name=name)
   return nn.InstanceNorm(epsilon=1e-5, dtype=dtype, name=name)
 
 
 class InstanceNorm(nn.Module):
   """flax's nn.InstanceNorm (same name, same parameters: checkpoints load either way) on the CPU
-  kernel (models/cpu_kernels.py) where it applies, else the same formula in float32."""
+  kernel (models/cpu_kernels.py) where it applies, else flax's formula in float32."""
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
 
@@ -80,10 +80,10 @@ class InstanceNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     if cpu_kernels.norm_supported(x.shape, x.dtype):
       return cpu_kernels.instance_norm(x, scale, bias, self.epsilon).astype(self.dtype)
-    x = x.astype(jnp.float32)
+    x = x.astype(jnp.float32)  # flax's formula: one pass for both moments
     mean = jnp.mean(x, axis=(1, 2), keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
-    return ((x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
+    var = jnp.maximum(jnp.mean(jnp.square(x), axis=(1, 2), keepdims=True) - jnp.square(mean), 0.0)
+    return ((x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias).astype(self.dtype)
 
 
 class ResBlock(nn.Module):

@@ -20,7 +20,7 @@ import numpy as np
 from agcg_jax import sharding as sh
 from agcg_jax import train
 from agcg_jax.data.records import CLASS_KEYS
-from agcg_jax.models import conv_rewrites
+from agcg_jax.models import conv_rewrites, cpu_kernels
 
 
 def bench_gan_step(config, *, size: int, batch_per_device: int, dtype: str, steps_n: int = 20,
@@ -66,7 +66,9 @@ def bench_gan_step(config, *, size: int, batch_per_device: int, dtype: str, step
       "ms_per_step": round(1e3 * dt / steps_n, 3),
       "images_per_s": round(total, 3), "images_per_s_per_device": round(total / n_dev, 3),
       "loss_finite": bool(np.isfinite(m["g_loss"]) and np.isfinite(m["d_loss"])),
-      "conv_rewrites": conv_rewrites.resolve(config.model.conv_rewrites),
+      "conv_rewrites": (rewrites := conv_rewrites.resolve(config.model.conv_rewrites)),
+      # Whether the C++ kernels ran (rewrites on, CPU, built: models/cpu_kernels.py).
+      "cpu_kernels": rewrites and jax.default_backend() == "cpu" and cpu_kernels.load(),
       "jax": jax.__version__,
       **({"profile_dir": profile_dir} if profile_dir else {}),
   }

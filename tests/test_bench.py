@@ -7,6 +7,7 @@ import pytest
 
 from agcg_jax import bench
 from agcg_jax import cli
+from agcg_jax.models import cpu_kernels
 
 
 @pytest.mark.slow
@@ -15,6 +16,7 @@ def test_bench_times_the_training_step_and_writes_a_profile(tiny_config, tmp_pat
                              warmup=1, profile_dir=str(tmp_path / "prof"))
   assert row["images_per_s"] > 0 and row["loss_finite"] and row["global_batch"] == 2 * row["devices"]
   assert row["conv_rewrites"] is True  # 'auto' on the CPU
+  assert row["cpu_kernels"] is cpu_kernels.load()
   assert glob.glob(str(tmp_path / "prof" / "plugins" / "profile" / "*" / "*.xplane.pb"))
 
 

@@ -103,7 +103,7 @@ one_out.defvjp(_one_out_fwd, _one_out_bwd)
 
 def _plain_dilation(x_shape, w_shape, window_strides, padding, lhs_dilation, rhs_dilation,
                     dimension_numbers, feature_group_count) -> int | None:
-  """The kernel dilation of a VALID, stride-1, ungrouped NHWC/HWIO conv with equal dilations; else None."""
+  """The dilation of a VALID, stride-1, ungrouped NHWC/HWIO conv (equal in H and W), else None."""
   if len(x_shape) != 4 or feature_group_count != 1:
     return None
   if tuple(window_strides) != (1, 1) or not _is_valid(padding):
@@ -113,8 +113,8 @@ def _plain_dilation(x_shape, w_shape, window_strides, padding, lhs_dilation, rhs
   d = (1, 1) if rhs_dilation is None else tuple(rhs_dilation)
   if d[0] != d[1]:
     return None
-  if dimension_numbers is not None and (lax.conv_dimension_numbers(x_shape, w_shape, dimension_numbers)
-                                        != lax.conv_dimension_numbers(x_shape, w_shape, _DIMS)):
+  dims = lambda numbers: lax.conv_dimension_numbers(x_shape, w_shape, numbers)
+  if dimension_numbers is not None and dims(dimension_numbers) != dims(_DIMS):
     return None
   return d[0]
 
@@ -138,7 +138,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, **kwargs):
   """lax.conv_general_dilated, with thin k x k convs (k >= 5, one channel in or out) as matmuls
   and 3x3 convs of the widths cpu_kernels.py compiles on its kernel."""
-  args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
+  args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+          feature_group_count)
   if applies(lhs.shape, rhs.shape, *args):
     return one_in(lhs, rhs) if rhs.shape[2] == 1 else one_out(lhs, rhs)
   d = _plain_dilation(lhs.shape, rhs.shape, *args)
@@ -168,8 +169,8 @@ def upsample2x_conv(x: jnp.ndarray, w: jnp.ndarray, padding: str = "reflect") ->
   taps = jnp.asarray(_PHASE_TAPS, w.dtype)
   w4 = jnp.einsum("pai,qbj,ijcf->abcpqf", taps, taps, w).reshape(3, 3, c, 4 * f)
   mode = "edge" if padding == "reflect" else "constant"
-  y = conv_general_dilated(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=mode), w4, (1, 1), "VALID",
-                           dimension_numbers=_DIMS)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=mode)
+  y = conv_general_dilated(xp, w4, (1, 1), "VALID", dimension_numbers=_DIMS)
   y = y.reshape(n, h, width, 2, 2, f).transpose(0, 1, 3, 2, 4, 5)
   return y.reshape(n, 2 * h, 2 * width, f)
 

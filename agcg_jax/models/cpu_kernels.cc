@@ -297,21 +297,18 @@ ffi::Error NormBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgConv3x3Forward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("dilation"));
+// Both conv handlers: the pool, two float32 arrays in, one out, the dilation.
+static auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("dilation");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgConv3x3KernelGrad, KernelGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("dilation"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgConv3x3Forward, ForwardImpl, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgConv3x3KernelGrad, KernelGradImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgInstanceNormForward, NormForwardImpl,
                               ffi::Ffi::Bind()

@@ -132,12 +132,13 @@ def supported(w_shape, *dtypes) -> bool:
 
 
 def _forward(x, w, d: int):
-  if not supported(w.shape, x.dtype, w.dtype):  # the input gradient of a conv with an unsupported width
+  if not supported(w.shape, x.dtype, w.dtype):  # an input gradient of a width not compiled in
     return lax.conv_general_dilated(x, w, (1, 1), "VALID", rhs_dilation=(d, d),
                                     dimension_numbers=_DIMS)
   b, h, width, _ = x.shape
   out = jax.ShapeDtypeStruct((b, h - 2 * d, width - 2 * d, w.shape[3]), jnp.float32)
-  return jax.ffi.ffi_call("agcg_conv3x3_forward", out, vmap_method="sequential")(x, w, dilation=np.int64(d))
+  return jax.ffi.ffi_call("agcg_conv3x3_forward", out, vmap_method="sequential")(
+      x, w, dilation=np.int64(d))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -68,7 +68,7 @@ def bench_gan_step(config, *, size: int, batch_per_device: int, dtype: str, step
       "loss_finite": bool(np.isfinite(m["g_loss"]) and np.isfinite(m["d_loss"])),
       "conv_rewrites": (rewrites := conv_rewrites.resolve(config.model.conv_rewrites)),
       # Whether the C++ kernels ran (rewrites on, CPU, built: models/cpu_kernels.py).
-      "cpu_kernels": rewrites and jax.default_backend() == "cpu" and cpu_kernels.load(),
+      "cpu_kernels": rewrites and cpu_kernels.available(),
       "jax": jax.__version__,
       **({"profile_dir": profile_dir} if profile_dir else {}),
   }

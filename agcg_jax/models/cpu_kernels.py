@@ -119,9 +119,13 @@ def _load(builder) -> bool:
   return True
 
 
+def available() -> bool:
+  """Whether the kernels can run here: the CPU backend and a built library."""
+  return jax.default_backend() == "cpu" and load()
+
+
 def _on_cpu(*dtypes) -> bool:
-  return (all(jnp.dtype(t) == jnp.float32 for t in dtypes) and jax.default_backend() == "cpu"
-          and load())
+  return all(jnp.dtype(t) == jnp.float32 for t in dtypes) and available()
 
 
 def supported(w_shape, *dtypes) -> bool:

@@ -62,7 +62,7 @@ def instance_norm(dtype: Dtype, name: str | None = None, rewrite: bool = False) 
   # again, so its gradient is zero up to rounding, which Adam would amplify
   # into noise of the size of the learning rate.
   # Statistics are computed in float32 by flax even for bfloat16 inputs.
-  if rewrite and jax.default_backend() == "cpu" and cpu_kernels.load():
+  if rewrite and cpu_kernels.available():
     return InstanceNorm(epsilon=1e-5, dtype=dtype, name=name)
   return nn.InstanceNorm(epsilon=1e-5, dtype=dtype, name=name)
 

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(not D.load(), reason="no C++ compiler: the kerne
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
-def _lax(d):
-  return lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "VALID", rhs_dilation=(d, d),
+def _lax(d, s=1):
+  return lambda x, w: lax.conv_general_dilated(x, w, (s, s), "VALID", rhs_dilation=(d, d),
                                                dimension_numbers=_DIMS)
 
 
@@ -27,17 +27,21 @@ def _value_and_grads(conv, x, w):
                                     argnums=(0, 1)))(x, w)
 
 
-# Odd output widths (not whole register tiles), every compiled output width, and an input
-# gradient the kernel cannot take (8 output channels: XLA's).
-@pytest.mark.parametrize("cin, cout, d, hw", [
-    (16, 16, 1, (9, 13)), (16, 16, 2, (12, 11)), (32, 32, 1, (7, 9)), (8, 16, 4, (14, 10)),
-    (64, 16, 1, (6, 5)), (16, 64, 1, (5, 6)), (32, 32, 3, (10, 10))])
-def test_kernel_equals_xla_forward_and_gradients(cin, cout, d, hw):
+# Odd output widths (not whole register tiles), every compiled output width, an input gradient
+# the kernel cannot take (8 output channels: XLA's), stride 2 with even and odd input sizes (the
+# last row and column unread).
+@pytest.mark.parametrize("cin, cout, d, s, hw", [
+    (16, 16, 1, 1, (9, 13)), (16, 16, 2, 1, (12, 11)), (32, 32, 1, 1, (7, 9)),
+    (8, 16, 4, 1, (14, 10)), (64, 16, 1, 1, (6, 5)), (16, 64, 1, 1, (5, 6)),
+    (32, 32, 3, 1, (10, 10)), (8, 16, 1, 2, (17, 18)), (16, 32, 1, 2, (9, 11)),
+    (32, 64, 2, 2, (12, 13))])
+def test_kernel_equals_xla_forward_and_gradients(cin, cout, d, s, hw):
   x = jax.random.normal(jax.random.key(0), (3, hw[0] + 2 * d, hw[1] + 2 * d, cin))
   w = 0.1 * jax.random.normal(jax.random.key(1), (3, 3, cin, cout))
-  conv = lambda x, w: D.conv3x3(x, w, d)
-  np.testing.assert_allclose(jax.jit(conv)(x, w), _lax(d)(x, w), rtol=1e-4, atol=1e-4)
-  (v1, (dx1, dw1)), (v2, (dx2, dw2)) = _value_and_grads(_lax(d), x, w), _value_and_grads(conv, x, w)
+  conv = lambda x, w: D.conv3x3(x, w, d, s)
+  np.testing.assert_allclose(jax.jit(conv)(x, w), _lax(d, s)(x, w), rtol=1e-4, atol=1e-4)
+  (v1, (dx1, dw1)), (v2, (dx2, dw2)) = (_value_and_grads(_lax(d, s), x, w),
+                                        _value_and_grads(conv, x, w))
   np.testing.assert_allclose(v2, v1, rtol=1e-5)
   for a, b in ((dx1, dx2), (dw1, dw2)):
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(a)))
@@ -53,7 +57,9 @@ def test_conv_general_dilated_takes_the_kernel_only_where_it_applies():
                                                    dimension_numbers=_DIMS, **kw)
   assert _uses_kernel(conv, x16, w16)
   assert _uses_kernel(lambda x, w: conv(x, w, rhs_dilation=(2, 2)), x16, w16)
-  assert not _uses_kernel(lambda x, w: conv(x, w, s=(2, 2)), x16, w16)          # strided
+  assert _uses_kernel(lambda x, w: conv(x, w, s=(2, 2)), x16, w16)
+  assert not _uses_kernel(lambda x, w: conv(x, w, s=(3, 3)), x16, w16)          # stride 3
+  assert not _uses_kernel(lambda x, w: conv(x, w, s=(1, 2)), x16, w16)
   assert not _uses_kernel(lambda x, w: conv(x, w, p="SAME"), x16, w16)          # padded by XLA
   assert not _uses_kernel(lambda x, w: conv(x, w, rhs_dilation=(1, 2)), x16, w16)
   assert not _uses_kernel(conv, jnp.ones((2, 10, 10, 3)), jnp.ones((3, 3, 3, 16)))  # 3 channels
@@ -66,11 +72,41 @@ def test_networks_with_rewrites_use_the_kernels():
   # That they stay the same function: tests/test_conv_rewrites.py (width 8: 16-channel blocks).
   x = jnp.zeros((2, 16, 16, 1))
   for net in (M.AttentionNet(width=8, dilations=(1, 2), rewrite=True),
-              M.ResnetGenerator(width=4, num_res=1, rewrite=True)):
+              M.ResnetGenerator(width=8, num_res=1, rewrite=True)):
     params = net.init(jax.random.key(3), x)
-    for target in ("agcg_conv3x3", "agcg_instance_norm"):
+    for target in ("agcg_conv3x3", "agcg_instance_norm", "agcg_thin"):
       assert _uses_kernel(lambda p: net.apply(p, x), params, target=target)
       assert _uses_kernel(jax.grad(lambda p: jnp.sum(net.apply(p, x))), params, target=target)
+    # Every forward conv is ours, the stride-2 ones included.
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda p: net.apply(p, x))(params))
+
+
+# The wide side: every compiled count; odd widths (partial register tiles); 1 -> F and F -> 1.
+@pytest.mark.parametrize("cin, cout, hw", [(1, 8, (70, 70)), (8, 1, (70, 70)), (1, 16, (13, 17)),
+                                           (16, 1, (17, 13)), (1, 32, (9, 11)), (32, 1, (11, 9)),
+                                           (1, 64, (8, 10)), (64, 1, (10, 8))])
+def test_thin_kernels_equal_xla_forward_and_gradients(cin, cout, hw):
+  x = jax.random.normal(jax.random.key(8), (3, hw[0] + 6, hw[1] + 6, cin))
+  w = 0.1 * jax.random.normal(jax.random.key(9), (7, 7, cin, cout))
+  np.testing.assert_allclose(jax.jit(D.thin_conv)(x, w), _lax(1)(x, w), rtol=1e-4, atol=1e-4)
+  (v1, (dx1, dw1)), (v2, (dx2, dw2)) = (_value_and_grads(_lax(1), x, w),
+                                        _value_and_grads(D.thin_conv, x, w))
+  np.testing.assert_allclose(v2, v1, rtol=1e-5)
+  for a, b in ((dx1, dx2), (dw1, dw2)):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(a)))
+
+
+def test_conv_general_dilated_takes_the_thin_kernels_only_where_they_apply():
+  x1, x8 = jnp.ones((2, 12, 12, 1)), jnp.ones((2, 12, 12, 8))
+  conv = lambda x, w, **kw: R.conv_general_dilated(x, w, kw.pop("s", (1, 1)), "VALID",
+                                                   dimension_numbers=_DIMS, **kw)
+  thin = lambda fn, *a: _uses_kernel(fn, *a, target="agcg_thin")
+  assert thin(conv, x1, jnp.ones((7, 7, 1, 8))) and thin(conv, x8, jnp.ones((7, 7, 8, 1)))
+  assert not thin(conv, x1, jnp.ones((5, 5, 1, 8)))          # 5x5: the matmul rewrite
+  assert not thin(conv, x1, jnp.ones((7, 7, 1, 4)))          # 4 outputs: not compiled in
+  assert not thin(conv, jnp.ones((2, 12, 12, 2)), jnp.ones((7, 7, 2, 8)))  # not thin
+  assert not thin(lambda x, w: conv(x, w, s=(2, 2)), x1, jnp.ones((7, 7, 1, 8)))
+  assert not thin(conv, x1.astype(jnp.bfloat16), jnp.ones((7, 7, 1, 8), jnp.bfloat16))
 
 
 def test_a_failed_build_falls_back_with_one_warning(caplog):

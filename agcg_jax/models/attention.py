@@ -26,7 +26,8 @@ class AttentionNet(nn.Module):
     h = PadConv(self.width, 7, padding=self.padding, use_bias=False, dtype=self.dtype,
                 rewrite=self.rewrite)(x)
     h = nn.relu(instance_norm(self.dtype, rewrite=self.rewrite)(h))
-    h = PadConv(2 * self.width, 3, stride=2, padding="zeros", use_bias=False, dtype=self.dtype)(h)
+    h = PadConv(2 * self.width, 3, stride=2, padding="zeros", use_bias=False, dtype=self.dtype,
+                rewrite=self.rewrite)(h)
     h = nn.relu(instance_norm(self.dtype, rewrite=self.rewrite)(h))
     for d in self.dilations:
       h = ResBlock(2 * self.width, dilation=d, padding=self.padding, dtype=self.dtype,

@@ -14,8 +14,10 @@ benchmarks/conv_lowering.py). The same sums as matmuls of a useful shape:
 
 `one_out`'s input gradient is a one-input conv (of the padded output gradient
 with the flipped kernel), so it uses `one_in`; its kernel gradient is XLA's.
-`conv_general_dilated` has lax's signature (flax's `nn.Conv(conv_general_dilated=)`)
-and falls back to lax for every other conv.
+Where cpu_kernels.py's thin kernels are built (7x7, 8-64 channels on the wide
+side) `conv_general_dilated` uses those instead, and 3x3 convs of stride 1 or 2
+go to its direct kernel; it has lax's signature (flax's
+`nn.Conv(conv_general_dilated=)`) and falls back to lax for every other conv.
 
 2. Nearest 2x upsampling + 3x3 conv (the attention net's upsampling layer).
 Each output pixel of a phase (p, q) reads a 2x2 window of the low-resolution
@@ -36,6 +38,7 @@ from jax import lax
 
 from agcg_jax.errors import UserError
 from agcg_jax.models.cpu_kernels import conv3x3, supported as direct_supported
+from agcg_jax.models.cpu_kernels import thin_conv, thin_supported
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -101,12 +104,13 @@ def _one_out_bwd(res, g):
 one_out.defvjp(_one_out_fwd, _one_out_bwd)
 
 
-def _plain_dilation(x_shape, w_shape, window_strides, padding, lhs_dilation, rhs_dilation,
-                    dimension_numbers, feature_group_count) -> int | None:
-  """The dilation of a VALID, stride-1, ungrouped NHWC/HWIO conv (equal in H and W), else None."""
+def _plain_geometry(x_shape, w_shape, window_strides, padding, lhs_dilation, rhs_dilation,
+                    dimension_numbers, feature_group_count) -> tuple[int, int] | None:
+  """(dilation, stride) of a VALID, ungrouped NHWC/HWIO conv (each equal in H and W), else None."""
   if len(x_shape) != 4 or feature_group_count != 1:
     return None
-  if tuple(window_strides) != (1, 1) or not _is_valid(padding):
+  s = tuple(window_strides)
+  if s[0] != s[1] or not _is_valid(padding):
     return None
   if lhs_dilation is not None and tuple(lhs_dilation) != (1, 1):
     return None
@@ -116,16 +120,16 @@ def _plain_dilation(x_shape, w_shape, window_strides, padding, lhs_dilation, rhs
   dims = lambda numbers: lax.conv_dimension_numbers(x_shape, w_shape, numbers)
   if dimension_numbers is not None and dims(dimension_numbers) != dims(_DIMS):
     return None
-  return d[0]
+  return d[0], s[0]
 
 
 def applies(x_shape, w_shape, window_strides=(1, 1), padding="VALID", lhs_dilation=None,
             rhs_dilation=None, dimension_numbers=None, feature_group_count=1) -> bool:
   """Whether a conv is a thin one `conv_general_dilated` computes as matmuls."""
-  d = _plain_dilation(x_shape, w_shape, window_strides, padding, lhs_dilation, rhs_dilation,
-                      dimension_numbers, feature_group_count)
+  geometry = _plain_geometry(x_shape, w_shape, window_strides, padding, lhs_dilation,
+                             rhs_dilation, dimension_numbers, feature_group_count)
   k, k2, c, f = w_shape
-  return d == 1 and k == k2 and k >= 5 and (c == 1 or f == 1)
+  return geometry == (1, 1) and k == k2 and k >= 5 and (c == 1 or f == 1)
 
 
 def _is_valid(padding) -> bool:
@@ -136,15 +140,19 @@ def _is_valid(padding) -> bool:
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, **kwargs):
-  """lax.conv_general_dilated, with thin k x k convs (k >= 5, one channel in or out) as matmuls
-  and 3x3 convs of the widths cpu_kernels.py compiles on its kernel."""
+  """lax.conv_general_dilated, with thin k x k convs (k >= 5, one channel in or out) on the thin
+  kernels or as matmuls, and 3x3 convs of stride 1 or 2 and the widths cpu_kernels.py compiles
+  on its direct kernel."""
   args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
           feature_group_count)
   if applies(lhs.shape, rhs.shape, *args):
+    if thin_supported(rhs.shape, lhs.dtype, rhs.dtype):
+      return thin_conv(lhs, rhs)
     return one_in(lhs, rhs) if rhs.shape[2] == 1 else one_out(lhs, rhs)
-  d = _plain_dilation(lhs.shape, rhs.shape, *args)
-  if d is not None and direct_supported(rhs.shape, lhs.dtype, rhs.dtype):
-    return conv3x3(lhs, rhs, d)
+  geometry = _plain_geometry(lhs.shape, rhs.shape, *args)
+  if geometry is not None and geometry[1] in (1, 2) and direct_supported(rhs.shape, lhs.dtype,
+                                                                          rhs.dtype):
+    return conv3x3(lhs, rhs, *geometry)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                   feature_group_count=feature_group_count, **kwargs)

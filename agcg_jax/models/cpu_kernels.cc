@@ -1,11 +1,11 @@
 // Kernels for XLA:CPU, as XLA FFI custom calls (agcg_jax/models/cpu_kernels.py builds this file on
 // first use and registers the handlers): a direct 3x3 convolution and instance norm.
 //
-// Convolution: stride 1, any dilation d, NHWC input already padded, HWIO kernel, float32:
-//   forward      y[b, r, x, k]  = sum_{i, j, c} in[b, r + i d, x + j d, c] w[i, j, c, k]
-//   kernel grad  dw[i, j, c, k] = sum_{b, r, x} in[b, r + i d, x + j d, c] g[b, r, x, k]
-// The input gradient is the forward of the padded output gradient with the flipped, transposed
-// kernel (cpu_kernels.py). Output channels are held in 16-float vectors (GCC/Clang vector
+// Convolution: stride s (1 or 2), any dilation d, NHWC input already padded, HWIO kernel, float32:
+//   forward      y[b, r, x, k]  = sum_{i, j, c} in[b, s r + i d, s x + j d, c] w[i, j, c, k]
+//   kernel grad  dw[i, j, c, k] = sum_{b, r, x} in[b, s r + i d, s x + j d, c] g[b, r, x, k]
+// The input gradient of a stride-1 conv is the forward of the padded output gradient with the
+// flipped, transposed kernel (cpu_kernels.py); a stride-2 conv's is XLA's. Output channels are held in 16-float vectors (GCC/Clang vector
 // extensions: one AVX-512 register, two AVX2 ones); the channel counts are template parameters
 // so the inner loops unroll. Work is split over XLA's intra-op thread pool.
 #include <algorithm>
@@ -67,7 +67,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t macs_per_item, const 
 }
 
 // PB consecutive output pixels of one row x KB blocks of 16 output channels, in registers.
-template <int C, int KB, int PB, bool FULL>
+template <int C, int KB, int PB, int S, bool FULL>
 inline void ForwardTile(const float* __restrict in, const float* __restrict w, float* __restrict out,
                         int64_t wp, int64_t d, int64_t x0, int64_t np) {
   constexpr int K = 16 * KB;
@@ -76,7 +76,7 @@ inline void ForwardTile(const float* __restrict in, const float* __restrict w, f
     for (int q = 0; q < KB; ++q) acc[p][q] = v16{};
   for (int i = 0; i < 3; ++i)
     for (int j = 0; j < 3; ++j) {
-      const float* row = in + (i * d * wp + x0 + j * d) * C;
+      const float* row = in + (i * d * wp + S * x0 + j * d) * C;
       const float* tap = w + (i * 3 + j) * C * K;
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) {
@@ -84,7 +84,7 @@ inline void ForwardTile(const float* __restrict in, const float* __restrict w, f
         for (int q = 0; q < KB; ++q) wv[q] = Load(tap + c * K + 16 * q);
         for (int p = 0; p < PB; ++p) {
           if (FULL || p < np) {
-            const v16 v = Splat(row[p * C + c]);
+            const v16 v = Splat(row[p * S * C + c]);
             for (int q = 0; q < KB; ++q) acc[p][q] += v * wv[q];
           }
         }
@@ -95,24 +95,33 @@ inline void ForwardTile(const float* __restrict in, const float* __restrict w, f
       for (int q = 0; q < KB; ++q) Store(out + (x0 + p) * K + 16 * q, acc[p][q]);
 }
 
-template <int C, int KB>
-void Forward(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t batch,
-             int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t d) {
+template <int C, int KB, int S>
+void ForwardStrided(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t batch,
+                    int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t d) {
   constexpr int K = 16 * KB, PB = 16 / KB;
   ParallelFor(pool, batch * h, wo * 9 * C * K, [&](int64_t lo, int64_t hi) {
     for (int64_t br = lo; br < hi; ++br) {
       const int64_t b = br / h, r = br % h;
-      const float* in = x + (b * hp + r) * wp * C;
+      const float* in = x + (b * hp + S * r) * wp * C;
       float* out = y + (b * h + r) * wo * K;
       int64_t x0 = 0;
-      for (; x0 + PB <= wo; x0 += PB) ForwardTile<C, KB, PB, true>(in, w, out, wp, d, x0, PB);
-      if (x0 < wo) ForwardTile<C, KB, PB, false>(in, w, out, wp, d, x0, wo - x0);
+      for (; x0 + PB <= wo; x0 += PB) ForwardTile<C, KB, PB, S, true>(in, w, out, wp, d, x0, PB);
+      if (x0 < wo) ForwardTile<C, KB, PB, S, false>(in, w, out, wp, d, x0, wo - x0);
     }
   });
 }
 
+template <int C, int KB>
+void Forward(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t batch,
+             int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t d, int64_t s) {
+  if (s == 1)
+    ForwardStrided<C, KB, 1>(pool, x, w, y, batch, hp, wp, h, wo, d);
+  else
+    ForwardStrided<C, KB, 2>(pool, x, w, y, batch, hp, wp, h, wo, d);
+}
+
 // One tap (i, j), CB input channels from c0 x KB blocks of 16 output channels, in registers.
-template <int C, int KB, int CB>
+template <int C, int KB, int CB, int S>
 void KernelGradTap(const float* __restrict x, const float* __restrict g, float* __restrict dw,
                    int64_t batch, int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t d, int i,
                    int j, int c0) {
@@ -122,13 +131,13 @@ void KernelGradTap(const float* __restrict x, const float* __restrict g, float* 
     for (int k = 0; k < KB; ++k) acc[q][k] = v16{};
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t r = 0; r < h; ++r) {
-      const float* in = x + ((b * hp + r + i * d) * wp + j * d) * C + c0;
+      const float* in = x + ((b * hp + S * r + i * d) * wp + j * d) * C + c0;
       const float* gr = g + (b * h + r) * wo * K;
       for (int64_t col = 0; col < wo; ++col) {
         v16 gv[KB];
         for (int k = 0; k < KB; ++k) gv[k] = Load(gr + col * K + 16 * k);
         for (int q = 0; q < CB; ++q) {
-          const v16 v = Splat(in[col * C + q]);
+          const v16 v = Splat(in[col * S * C + q]);
           for (int k = 0; k < KB; ++k) acc[q][k] += v * gv[k];
         }
       }
@@ -139,13 +148,17 @@ void KernelGradTap(const float* __restrict x, const float* __restrict g, float* 
 
 template <int C, int KB>
 void KernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw, int64_t batch,
-                int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t d) {
+                int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t d, int64_t s) {
   constexpr int CB = (C < 16 / KB) ? C : 16 / KB;
   constexpr int NC = C / CB;
   ParallelFor(pool, 9 * NC, batch * h * wo * CB * 16 * KB, [&](int64_t lo, int64_t hi) {
-    for (int64_t u = lo; u < hi; ++u)
-      KernelGradTap<C, KB, CB>(x, g, dw, batch, hp, wp, h, wo, d, u / NC / 3, u / NC % 3,
-                               (u % NC) * CB);
+    for (int64_t u = lo; u < hi; ++u) {
+      const int i = u / NC / 3, j = u / NC % 3, c0 = (u % NC) * CB;
+      if (s == 1)
+        KernelGradTap<C, KB, CB, 1>(x, g, dw, batch, hp, wp, h, wo, d, i, j, c0);
+      else
+        KernelGradTap<C, KB, CB, 2>(x, g, dw, batch, hp, wp, h, wo, d, i, j, c0);
+    }
   });
 }
 
@@ -168,28 +181,247 @@ void KernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw
   }
 
 ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
-                       ffi::Span<const int64_t> y, int64_t d) {
+                       ffi::Span<const int64_t> y, int64_t d, int64_t s) {
   if (x.size() != 4 || w.size() != 4 || y.size() != 4 || w[0] != 3 || w[1] != 3 || w[2] != x[3] ||
-      y[0] != x[0] || y[1] != x[1] - 2 * d || y[2] != x[2] - 2 * d || y[3] != w[3] || d < 1)
+      d < 1 || (s != 1 && s != 2) || x[1] <= 2 * d || x[2] <= 2 * d || y[0] != x[0] ||
+      y[1] != (x[1] - 2 * d - 1) / s + 1 || y[2] != (x[2] - 2 * d - 1) / s + 1 || y[3] != w[3])
     return ffi::Error::InvalidArgument("agcg direct conv: shapes do not match a 3x3 VALID conv");
   return ffi::Error::Success();
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t dilation) {
+                       ffi::ResultBuffer<ffi::F32> y, int64_t dilation, int64_t stride) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (auto err = CheckShapes(xd, wd, yd, dilation); err.failure()) return err;
+  if (auto err = CheckShapes(xd, wd, yd, dilation, stride); err.failure()) return err;
   AGCG_FOR_CHANNELS(Forward, xd[3], wd[3], pool, x.typed_data(), w.typed_data(), y->typed_data(),
-                    xd[0], xd[1], xd[2], yd[1], yd[2], dilation);
+                    xd[0], xd[1], xd[2], yd[1], yd[2], dilation, stride);
   return ffi::Error::Success();
 }
 
 ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
-                          ffi::ResultBuffer<ffi::F32> dw, int64_t dilation) {
+                          ffi::ResultBuffer<ffi::F32> dw, int64_t dilation, int64_t stride) {
   auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
-  if (auto err = CheckShapes(xd, wd, gd, dilation); err.failure()) return err;
+  if (auto err = CheckShapes(xd, wd, gd, dilation, stride); err.failure()) return err;
   AGCG_FOR_CHANNELS(KernelGrad, xd[3], gd[3], pool, x.typed_data(), g.typed_data(),
-                    dw->typed_data(), xd[0], xd[1], xd[2], gd[1], gd[2], dilation);
+                    dw->typed_data(), xd[0], xd[1], xd[2], gd[1], gd[2], dilation, stride);
+  return ffi::Error::Success();
+}
+
+
+// ---- Thin k x k convolutions: one input channel (1 -> F) or one output channel (C -> 1) ----
+// The generator's and attention net's first and last 7x7 layers at full resolution. Stride 1, no
+// dilation, input already padded; F and C multiples of 8, held in 8-float vectors.
+//   in  forward      y[b, r, x, f] = sum_{i, j} in[b, r + i, x + j] w[i, j, f]
+//       kernel grad  dw[i, j, f]   = sum_{b, r, x} in[b, r + i, x + j] g[b, r, x, f]
+//   out forward      y[b, r, x]    = sum_i sum_{t < KS C} in[b, r + i, x C + t] w[i, t]
+//                    (row i of the window and of the kernel are both KS * C contiguous floats)
+//       kernel grad  dw[i, t]      = sum_{b, r, x} g[b, r, x] in[b, r + i, x C + t]
+// The input gradient of each is the forward of the other (cpu_kernels.py).
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 Splat8(float a) { return v8{} + a; }
+inline v8 Load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void Store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// PB consecutive output pixels x F channels in registers; `in` is the window's top-left pixel.
+template <int KS, int F, int PB, bool FULL>
+inline void ThinInTile(const float* __restrict in, const float* __restrict w,
+                       float* __restrict out, int64_t wp, int np) {
+  constexpr int FB = F / 8;
+  v8 acc[PB][FB];
+  for (int p = 0; p < PB; ++p)
+    for (int q = 0; q < FB; ++q) acc[p][q] = v8{};
+  for (int i = 0; i < KS; ++i)
+    for (int j = 0; j < KS; ++j) {
+      const float* row = in + i * wp + j;
+      v8 wv[FB];
+      for (int q = 0; q < FB; ++q) wv[q] = Load8(w + (i * KS + j) * F + 8 * q);
+      for (int p = 0; p < PB; ++p)
+        if (FULL || p < np) {
+          const v8 v = Splat8(row[p]);
+          for (int q = 0; q < FB; ++q) acc[p][q] += v * wv[q];
+        }
+    }
+  for (int p = 0; p < PB; ++p)
+    if (FULL || p < np)
+      for (int q = 0; q < FB; ++q) Store8(out + p * F + 8 * q, acc[p][q]);
+}
+
+template <int KS, int F>
+void ThinInForward(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t batch,
+                   int64_t hp, int64_t wp, int64_t h, int64_t wo) {
+  constexpr int PB = F >= 64 ? 2 : 128 / F;
+  ParallelFor(pool, batch * h, wo * KS * KS * F, [&](int64_t lo, int64_t hi) {
+    for (int64_t br = lo; br < hi; ++br) {
+      const int64_t b = br / h, r = br % h;
+      const float* in = x + (b * hp + r) * wp;
+      float* out = y + br * wo * F;
+      int64_t x0 = 0;
+      for (; x0 + PB <= wo; x0 += PB) ThinInTile<KS, F, PB, true>(in + x0, w, out + x0 * F, wp, PB);
+      if (x0 < wo) ThinInTile<KS, F, PB, false>(in + x0, w, out + x0 * F, wp, int(wo - x0));
+    }
+  });
+}
+
+// Kernel row i, FBB blocks of 8 output channels from f0: KS x FBB accumulators.
+template <int KS, int F, int FBB>
+void ThinInKernelGradPass(const float* __restrict x, const float* __restrict g,
+                          float* __restrict dw, int64_t batch, int64_t hp, int64_t wp, int64_t h,
+                          int64_t wo, int i, int f0) {
+  v8 acc[KS][FBB];
+  for (int j = 0; j < KS; ++j)
+    for (int q = 0; q < FBB; ++q) acc[j][q] = v8{};
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t r = 0; r < h; ++r) {
+      const float* in = x + (b * hp + r + i) * wp;
+      const float* gr = g + (b * h + r) * wo * F + f0;
+      for (int64_t col = 0; col < wo; ++col) {
+        v8 gv[FBB];
+        for (int q = 0; q < FBB; ++q) gv[q] = Load8(gr + col * F + 8 * q);
+        for (int j = 0; j < KS; ++j) {
+          const v8 v = Splat8(in[col + j]);
+          for (int q = 0; q < FBB; ++q) acc[j][q] += v * gv[q];
+        }
+      }
+    }
+  for (int j = 0; j < KS; ++j)
+    for (int q = 0; q < FBB; ++q) Store8(dw + (i * KS + j) * F + f0 + 8 * q, acc[j][q]);
+}
+
+template <int KS, int F>
+void ThinInKernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw,
+                      int64_t batch, int64_t hp, int64_t wp, int64_t h, int64_t wo) {
+  constexpr int FBB = F >= 16 ? 2 : 1, NG = F / 8 / FBB;
+  ParallelFor(pool, KS * NG, batch * h * wo * KS * 8 * FBB, [&](int64_t lo, int64_t hi) {
+    for (int64_t u = lo; u < hi; ++u)
+      ThinInKernelGradPass<KS, F, FBB>(x, g, dw, batch, hp, wp, h, wo, int(u / NG),
+                                       int(u % NG) * 8 * FBB);
+  });
+}
+
+// PB consecutive output pixels, each a dot product of KS rows of KS * C floats.
+template <int KS, int C, int PB, bool FULL>
+inline void ThinOutTile(const float* __restrict in, const float* __restrict w,
+                        float* __restrict out, int64_t wp, int np) {
+  constexpr int L = KS * C / 8;
+  v8 acc[PB];
+  for (int p = 0; p < PB; ++p) acc[p] = v8{};
+  for (int i = 0; i < KS; ++i) {
+    const float* row = in + i * wp * C;
+    const float* wr = w + i * KS * C;
+#pragma GCC unroll 8
+    for (int u = 0; u < L; ++u) {
+      const v8 wv = Load8(wr + 8 * u);
+      for (int p = 0; p < PB; ++p)
+        if (FULL || p < np) acc[p] += Load8(row + p * C + 8 * u) * wv;
+    }
+  }
+  for (int p = 0; p < PB; ++p)
+    if (FULL || p < np) {
+      float s = 0.0f;
+      for (int e = 0; e < 8; ++e) s += acc[p][e];
+      out[p] = s;
+    }
+}
+
+template <int KS, int C>
+void ThinOutForward(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t batch,
+                    int64_t hp, int64_t wp, int64_t h, int64_t wo) {
+  constexpr int PB = 8;
+  ParallelFor(pool, batch * h, wo * KS * KS * C, [&](int64_t lo, int64_t hi) {
+    for (int64_t br = lo; br < hi; ++br) {
+      const int64_t b = br / h, r = br % h;
+      const float* in = x + (b * hp + r) * wp * C;
+      float* out = y + br * wo;
+      int64_t x0 = 0;
+      for (; x0 + PB <= wo; x0 += PB) ThinOutTile<KS, C, PB, true>(in + x0 * C, w, out + x0, wp, PB);
+      if (x0 < wo) ThinOutTile<KS, C, PB, false>(in + x0 * C, w, out + x0, wp, int(wo - x0));
+    }
+  });
+}
+
+// Kernel row i, UB vectors of it from u0: UB accumulators.
+template <int KS, int C, int UB>
+void ThinOutKernelGradPass(const float* __restrict x, const float* __restrict g,
+                           float* __restrict dw, int64_t batch, int64_t hp, int64_t wp, int64_t h,
+                           int64_t wo, int i, int u0) {
+  v8 acc[UB];
+  for (int u = 0; u < UB; ++u) acc[u] = v8{};
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t r = 0; r < h; ++r) {
+      const float* in = x + (b * hp + r + i) * wp * C + 8 * u0;
+      const float* gr = g + (b * h + r) * wo;
+      for (int64_t col = 0; col < wo; ++col) {
+        const v8 v = Splat8(gr[col]);
+        for (int u = 0; u < UB; ++u) acc[u] += v * Load8(in + col * C + 8 * u);
+      }
+    }
+  for (int u = 0; u < UB; ++u) Store8(dw + i * KS * C + 8 * (u0 + u), acc[u]);
+}
+
+template <int KS, int C>
+void ThinOutKernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw,
+                       int64_t batch, int64_t hp, int64_t wp, int64_t h, int64_t wo) {
+  constexpr int L = KS * C / 8, UB = L <= 16 ? L : (L % 14 == 0 ? 14 : 8);
+  static_assert(L % UB == 0, "kernel row not a whole number of passes");
+  constexpr int NG = L / UB;
+  ParallelFor(pool, KS * NG, batch * h * wo * 8 * UB, [&](int64_t lo, int64_t hi) {
+    for (int64_t u = lo; u < hi; ++u)
+      ThinOutKernelGradPass<KS, C, UB>(x, g, dw, batch, hp, wp, h, wo, int(u / NG),
+                                       int(u % NG) * UB);
+  });
+}
+
+// Kernel sizes and channel counts compiled in; cpu_kernels.py's THIN_KERNEL / THIN_CHANNELS must
+// list the same. CH is F for the one-input-channel kernels, C for the one-output-channel ones.
+#define AGCG_FOR_THIN(FN, KS, CH, ...)                                                    \
+  switch ((KS) * 1000 + (CH)) {                                                           \
+    case 7008: FN<7, 8>(__VA_ARGS__); break;                                              \
+    case 7016: FN<7, 16>(__VA_ARGS__); break;                                             \
+    case 7032: FN<7, 32>(__VA_ARGS__); break;                                             \
+    case 7064: FN<7, 64>(__VA_ARGS__); break;                                             \
+    default: return ffi::Error::InvalidArgument("agcg thin conv: kernel size or channels not compiled in"); \
+  }
+
+// x [B, Hp, Wp, C] and w [k, k, C, F] with C == 1 or F == 1; y [B, Hp - k + 1, Wp - k + 1, F].
+ffi::Error CheckThin(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+                     ffi::Span<const int64_t> y) {
+  if (x.size() != 4 || w.size() != 4 || y.size() != 4 || w[0] != w[1] || w[2] != x[3] ||
+      y[0] != x[0] || y[1] != x[1] - w[0] + 1 || y[2] != x[2] - w[0] + 1 || y[3] != w[3] ||
+      (w[2] != 1 && w[3] != 1))
+    return ffi::Error::InvalidArgument("agcg thin conv: shapes do not match a thin VALID conv");
+  return ffi::Error::Success();
+}
+
+ffi::Error ThinForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (auto err = CheckThin(xd, wd, yd); err.failure()) return err;
+  if (wd[2] == 1) {
+    AGCG_FOR_THIN(ThinInForward, wd[0], wd[3], pool, x.typed_data(), w.typed_data(),
+                  y->typed_data(), xd[0], xd[1], xd[2], yd[1], yd[2]);
+  } else {
+    AGCG_FOR_THIN(ThinOutForward, wd[0], wd[2], pool, x.typed_data(), w.typed_data(),
+                  y->typed_data(), xd[0], xd[1], xd[2], yd[1], yd[2]);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ThinKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw) {
+  auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
+  if (auto err = CheckThin(xd, wd, gd); err.failure()) return err;
+  if (wd[2] == 1) {
+    AGCG_FOR_THIN(ThinInKernelGrad, wd[0], wd[3], pool, x.typed_data(), g.typed_data(),
+                  dw->typed_data(), xd[0], xd[1], xd[2], gd[1], gd[2]);
+  } else {
+    AGCG_FOR_THIN(ThinOutKernelGrad, wd[0], wd[2], pool, x.typed_data(), g.typed_data(),
+                  dw->typed_data(), xd[0], xd[1], xd[2], gd[1], gd[2]);
+  }
   return ffi::Error::Success();
 }
 
@@ -297,18 +529,31 @@ ffi::Error NormBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale
 
 }  // namespace
 
-// Both conv handlers: the pool, two float32 arrays in, one out, the dilation.
+// Both conv handlers: the pool, two float32 arrays in, one out, the dilation and the stride.
 static auto ConvBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Ret<ffi::Buffer<ffi::F32>>()
-      .Attr<int64_t>("dilation");
+      .Attr<int64_t>("dilation")
+      .Attr<int64_t>("stride");
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgConv3x3Forward, ForwardImpl, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgConv3x3KernelGrad, KernelGradImpl, ConvBinding());
+
+// Both thin conv handlers: the pool, two float32 arrays in, one out.
+static auto ThinBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgThinForward, ThinForwardImpl, ThinBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgThinKernelGrad, ThinKernelGradImpl, ThinBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgInstanceNormForward, NormForwardImpl,
                               ffi::Ffi::Bind()

@@ -1,14 +1,20 @@
 """Kernels for XLA:CPU of our own: XLA FFI custom calls, built from C++ on first use.
 
-XLA:CPU runs two parts of these networks well below what a core can do (docs/benchmarks.md
-"Speed"): the 3x3 convolutions of 8-64 channels at 16-32 px (the attention net's dilated residual
-blocks, the generator's residual and sub-pixel convs) and instance norm over 8-64 channels.
-`cpu_kernels.cc` computes the same sums with the channels in vector registers and the channel
-counts as compile-time constants:
-  conv3x3        VALID, stride 1, any dilation; forward and kernel gradient are FFI calls, the input
-                 gradient is the forward of the padded output gradient with the flipped, transposed
-                 kernel. Forward and kernel gradient of a 16 -> 16, dilation 2 layer at 32 px,
-                 batch 4, one core: 0.25 and 0.25 ms against XLA's 0.47 and 0.35 ms.
+XLA:CPU runs three parts of these networks well below what a core can do (docs/benchmarks.md
+"Speed"): the 3x3 convolutions of 8-64 channels at 16-64 px (the attention net's dilated residual
+blocks, the generator's residual, sub-pixel and stride-2 convs), the 7x7 first and last layers
+(one channel in or out) and instance norm over 8-64 channels. `cpu_kernels.cc` computes the same
+sums with the channels in vector registers and the channel counts as compile-time constants:
+  conv3x3        VALID, stride 1 or 2, any dilation; forward and kernel gradient are FFI calls, the
+                 input gradient of stride 1 is the forward of the padded output gradient with the
+                 flipped, transposed kernel (of stride 2: XLA's). Forward and kernel gradient of a
+                 16 -> 16, dilation 2 layer at 32 px, batch 4, one core: 0.25 and 0.25 ms against
+                 XLA's 0.47 and 0.35 ms; forward and both gradients of the 8 -> 16 stride-2 layer
+                 at 64 px: 0.55 ms against 2.4.
+  thin_conv      7x7, stride 1, 1 -> 8-64 or 8-64 -> 1 channels; forward and kernel gradient are
+                 FFI calls, the input gradient of one kind is the forward of the other. Forward and
+                 both gradients at 64 px, batch 4, one core: 1 -> 8 0.69 ms, 8 -> 1 0.58 ms
+                 (XLA 3.8 and 5.3; conv_rewrites.py's matmuls 1.1 and 1.8).
   instance_norm  flax's nn.InstanceNorm (two-pass variance), forward and backward FFI calls.
 
 The source is compiled once per machine (`$CXX` or g++, -O3 -march=native) into
@@ -41,9 +47,14 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 CHANNELS_IN = (8, 16, 32, 64)
 CHANNELS_OUT = (16, 32, 64)
 NORM_CHANNELS = (8, 16, 32, 64)
+# The thin convs' kernel size and the channel count of their wide side (AGCG_FOR_THIN).
+THIN_KERNEL = 7
+THIN_CHANNELS = (8, 16, 32, 64)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"agcg_conv3x3_forward": "AgcgConv3x3Forward",
             "agcg_conv3x3_kernel_grad": "AgcgConv3x3KernelGrad",
+            "agcg_thin_forward": "AgcgThinForward",
+            "agcg_thin_kernel_grad": "AgcgThinKernelGrad",
             "agcg_instance_norm_forward": "AgcgInstanceNormForward",
             "agcg_instance_norm_backward": "AgcgInstanceNormBackward"}
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -129,43 +140,93 @@ def _on_cpu(*dtypes) -> bool:
 
 
 def supported(w_shape, *dtypes) -> bool:
-  """Whether a VALID stride-1 conv with this HWIO kernel (and operands of `dtypes`) runs on the
-  direct kernel here: float32, the channel counts compiled in, the CPU backend, a built library."""
+  """Whether a VALID stride-1 or -2 conv with this HWIO kernel (and operands of `dtypes`) runs on
+  the direct kernel here: float32, the channel counts compiled in, the CPU backend, a built
+  library."""
   return (tuple(w_shape[:2]) == (3, 3) and w_shape[2] in CHANNELS_IN and w_shape[3] in CHANNELS_OUT
           and _on_cpu(*dtypes))
 
 
-def _forward(x, w, d: int):
+def _lax_conv(x, w, d: int, s: int):
+  return lax.conv_general_dilated(x, w, (s, s), "VALID", rhs_dilation=(d, d),
+                                  dimension_numbers=_DIMS)
+
+
+def _forward(x, w, d: int, s: int = 1):
   if not supported(w.shape, x.dtype, w.dtype):  # an input gradient of a width not compiled in
-    return lax.conv_general_dilated(x, w, (1, 1), "VALID", rhs_dilation=(d, d),
-                                    dimension_numbers=_DIMS)
+    return _lax_conv(x, w, d, s)
   b, h, width, _ = x.shape
-  out = jax.ShapeDtypeStruct((b, h - 2 * d, width - 2 * d, w.shape[3]), jnp.float32)
+  size = lambda n: (n - 2 * d - 1) // s + 1
+  out = jax.ShapeDtypeStruct((b, size(h), size(width), w.shape[3]), jnp.float32)
   return jax.ffi.ffi_call("agcg_conv3x3_forward", out, vmap_method="sequential")(
-      x, w, dilation=np.int64(d))
+      x, w, dilation=np.int64(d), stride=np.int64(s))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv3x3(x: jnp.ndarray, w: jnp.ndarray, dilation: int = 1) -> jnp.ndarray:
-  """VALID, stride-1 NHWC/HWIO 3x3 conv with `dilation`, on the direct kernel (see `supported`)."""
-  return _forward(x, w, dilation)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv3x3(x: jnp.ndarray, w: jnp.ndarray, dilation: int = 1, stride: int = 1) -> jnp.ndarray:
+  """VALID NHWC/HWIO 3x3 conv with `dilation` and `stride` (1 or 2), on the direct kernel (see
+  `supported`)."""
+  return _forward(x, w, dilation, stride)
 
 
-def _conv3x3_fwd(x, w, dilation):
-  return _forward(x, w, dilation), (x, w)
+def _conv3x3_fwd(x, w, dilation, stride):
+  return _forward(x, w, dilation, stride), (x, w)
 
 
-def _conv3x3_bwd(dilation, res, g):
+def _conv3x3_bwd(dilation, stride, res, g):
   x, w = res
-  p = 2 * dilation
-  dx = _forward(jnp.pad(g, ((0, 0), (p, p), (p, p), (0, 0))),
-                jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), dilation)
+  if stride == 1:
+    p = 2 * dilation
+    dx = _forward(jnp.pad(g, ((0, 0), (p, p), (p, p), (0, 0))),
+                  jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), dilation)
+  else:  # a transposed conv: XLA's
+    dx = jax.vjp(lambda x_: _lax_conv(x_, w, dilation, stride), x)[1](g)[0]
   dw = jax.ffi.ffi_call("agcg_conv3x3_kernel_grad", jax.ShapeDtypeStruct(w.shape, jnp.float32),
-                        vmap_method="sequential")(x, g, dilation=np.int64(dilation))
+                        vmap_method="sequential")(x, g, dilation=np.int64(dilation),
+                                                  stride=np.int64(stride))
   return dx, dw
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+def thin_supported(w_shape, *dtypes) -> bool:
+  """Whether a VALID stride-1 conv with this HWIO kernel runs on the thin kernels here: k x k with
+  k == THIN_KERNEL, one input channel and THIN_CHANNELS outputs or the reverse, float32, CPU."""
+  k, k2, c, f = w_shape
+  return (k == k2 == THIN_KERNEL and ((c == 1 and f in THIN_CHANNELS)
+                                      or (f == 1 and c in THIN_CHANNELS)) and _on_cpu(*dtypes))
+
+
+def _thin_forward(x, w):
+  b, h, width, _ = x.shape
+  k = w.shape[0]
+  out = jax.ShapeDtypeStruct((b, h - k + 1, width - k + 1, w.shape[3]), jnp.float32)
+  return jax.ffi.ffi_call("agcg_thin_forward", out, vmap_method="sequential")(x, w)
+
+
+@jax.custom_vjp
+def thin_conv(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  """VALID, stride-1 NHWC/HWIO k x k conv with one input or one output channel, on the thin
+  kernels (see `thin_supported`). The input gradient of one kind is the forward of the other."""
+  return _thin_forward(x, w)
+
+
+def _thin_conv_fwd(x, w):
+  return _thin_forward(x, w), (x, w)
+
+
+def _thin_conv_bwd(res, g):
+  x, w = res
+  p = w.shape[0] - 1
+  dx = _thin_forward(jnp.pad(g, ((0, 0), (p, p), (p, p), (0, 0))),
+                     jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+  dw = jax.ffi.ffi_call("agcg_thin_kernel_grad", jax.ShapeDtypeStruct(w.shape, jnp.float32),
+                        vmap_method="sequential")(x, g)
+  return dx, dw
+
+
+thin_conv.defvjp(_thin_conv_fwd, _thin_conv_bwd)
 
 
 def norm_supported(x_shape, dtype) -> bool:

@@ -31,7 +31,8 @@ class ResnetGenerator(nn.Module):
     ch = self.width
     for _ in range(self.num_down):
       ch *= 2
-      h = PadConv(ch, 3, stride=2, padding="zeros", use_bias=False, dtype=self.dtype)(h)
+      h = PadConv(ch, 3, stride=2, padding="zeros", use_bias=False, dtype=self.dtype,
+                  rewrite=self.rewrite)(h)
       h = nn.relu(instance_norm(self.dtype, rewrite=self.rewrite)(h))
     for _ in range(self.num_res):
       h = ResBlock(ch, padding=self.padding, dtype=self.dtype, rewrite=self.rewrite)(h)

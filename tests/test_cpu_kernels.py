@@ -126,6 +126,18 @@ def test_build_is_cached_per_source(tmp_path):
   assert lib.name.startswith("cpu_kernels-") and lib.parent == D.cache_dir()
 
 
+def test_old_builds_are_pruned_keeping_the_most_recently_used(tmp_path):
+  import os
+  for age, name in enumerate("abcdef"):  # a newest, f oldest
+    lib = tmp_path / f"cpu_kernels-{name}.so"
+    lib.write_bytes(b"")
+    os.utime(lib, (1e9 - age, 1e9 - age))
+  (tmp_path / "other.so").write_bytes(b"")  # not ours: left alone
+  D._prune(tmp_path, keep=4)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "cpu_kernels-a.so", "cpu_kernels-b.so", "cpu_kernels-c.so", "cpu_kernels-d.so", "other.so"]
+
+
 @pytest.mark.parametrize("c, hw", [(8, (9, 13)), (16, (16, 16)), (32, (5, 7)), (64, (4, 3)),
                                    (3, (6, 6))])  # 3 channels: not compiled in, the same formula
 def test_instance_norm_equals_flax_forward_and_gradients(c, hw):

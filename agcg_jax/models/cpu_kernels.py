@@ -50,6 +50,7 @@ NORM_CHANNELS = (8, 16, 32, 64)
 # The thin convs' kernel size and the channel count of their wide side (AGCG_FOR_THIN).
 THIN_KERNEL = 7
 THIN_CHANNELS = (8, 16, 32, 64)
+KEEP_BUILDS = 4  # builds kept in the cache (several venvs or jax versions may share it)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"agcg_conv3x3_forward": "AgcgConv3x3Forward",
             "agcg_conv3x3_kernel_grad": "AgcgConv3x3KernelGrad",
@@ -92,6 +93,10 @@ def build(cxx: str | None = None, out_dir: Path | None = None) -> Path:
   out_dir = Path(out_dir or cache_dir())
   lib = out_dir / f"cpu_kernels-{key}.so"
   if lib.exists():
+    try:
+      os.utime(lib)  # most recently used: kept by _prune
+    except OSError:
+      pass  # a read-only cache
     return lib
   out_dir.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # built aside, then renamed: atomic
@@ -109,7 +114,19 @@ def build(cxx: str | None = None, out_dir: Path | None = None) -> Path:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+  _prune(out_dir)
   return lib
+
+
+def _prune(out_dir: Path, keep: int = KEEP_BUILDS) -> None:
+  """Deletes all but the `keep` most recently used builds (older sources, jax versions, compilers).
+  A library another process has loaded stays mapped; that process is unaffected."""
+  builds = sorted(out_dir.glob("cpu_kernels-*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
+  for old in builds[keep:]:
+    try:
+      old.unlink()
+    except OSError:
+      pass
 
 
 @functools.cache

@@ -95,7 +95,44 @@ inline void ForwardTile(const float* __restrict in, const float* __restrict w, f
       for (int q = 0; q < KB; ++q) Store(out + (x0 + p) * K + 16 * q, acc[p][q]);
 }
 
-template <int C, int KB, int S>
+// The same tile with the dilation D a compile-time constant: each input value of a kernel row is
+// broadcast once and feeds every output pixel of the tile that reads it (through up to 3 taps),
+// instead of once per tap. The tile's S (PB - 1) + 2 D + 1 input pixels of a row are all in range.
+template <int C, int KB, int PB, int S, int D, bool FULL>
+inline void ForwardTileShared(const float* __restrict in, const float* __restrict w,
+                              float* __restrict out, int64_t wp, int64_t x0, int64_t np) {
+  constexpr int K = 16 * KB, T = S * (PB - 1) + 2 * D + 1;
+  const int64_t used = S * (np - 1) + 2 * D + 1;  // input pixels a partial tile may read
+  v16 acc[PB][KB];
+  for (int p = 0; p < PB; ++p)
+    for (int q = 0; q < KB; ++q) acc[p][q] = v16{};
+  for (int i = 0; i < 3; ++i) {
+    const float* row = in + (i * D * wp + S * x0) * C;
+    const float* taps = w + i * 3 * C * K;
+    for (int c = 0; c < C; ++c) {
+      v16 wv[3][KB];
+      for (int j = 0; j < 3; ++j)
+        for (int q = 0; q < KB; ++q) wv[j][q] = Load(taps + (j * C + c) * K + 16 * q);
+#pragma GCC unroll 64
+      for (int t = 0; t < T; ++t) {
+        if (!FULL && t >= used) break;
+        const v16 v = Splat(row[t * C + c]);
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; ++j) {
+          const int u = t - j * D;  // output pixel S * p = u reads this value through tap j
+          if (u >= 0 && u % S == 0 && u / S < PB)
+            for (int q = 0; q < KB; ++q) acc[u / S][q] += v * wv[j][q];
+        }
+      }
+    }
+  }
+  for (int p = 0; p < PB; ++p)
+    if (FULL || p < np)
+      for (int q = 0; q < KB; ++q) Store(out + (x0 + p) * K + 16 * q, acc[p][q]);
+}
+
+// D > 0: the dilation is D (ForwardTileShared); D == 0: any dilation d (ForwardTile).
+template <int C, int KB, int S, int D>
 void ForwardStrided(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t batch,
                     int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t d) {
   constexpr int K = 16 * KB, PB = 16 / KB;
@@ -105,8 +142,14 @@ void ForwardStrided(ffi::ThreadPool& pool, const float* x, const float* w, float
       const float* in = x + (b * hp + S * r) * wp * C;
       float* out = y + (b * h + r) * wo * K;
       int64_t x0 = 0;
-      for (; x0 + PB <= wo; x0 += PB) ForwardTile<C, KB, PB, S, true>(in, w, out, wp, d, x0, PB);
-      if (x0 < wo) ForwardTile<C, KB, PB, S, false>(in, w, out, wp, d, x0, wo - x0);
+      if constexpr (D > 0) {
+        for (; x0 + PB <= wo; x0 += PB)
+          ForwardTileShared<C, KB, PB, S, D, true>(in, w, out, wp, x0, PB);
+        if (x0 < wo) ForwardTileShared<C, KB, PB, S, D, false>(in, w, out, wp, x0, wo - x0);
+      } else {
+        for (; x0 + PB <= wo; x0 += PB) ForwardTile<C, KB, PB, S, true>(in, w, out, wp, d, x0, PB);
+        if (x0 < wo) ForwardTile<C, KB, PB, S, false>(in, w, out, wp, d, x0, wo - x0);
+      }
     }
   });
 }
@@ -114,10 +157,26 @@ void ForwardStrided(ffi::ThreadPool& pool, const float* x, const float* w, float
 template <int C, int KB>
 void Forward(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t batch,
              int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t d, int64_t s) {
-  if (s == 1)
-    ForwardStrided<C, KB, 1>(pool, x, w, y, batch, hp, wp, h, wo, d);
-  else
-    ForwardStrided<C, KB, 2>(pool, x, w, y, batch, hp, wp, h, wo, d);
+  // The networks' dilations (1, 2, 4) and stride 2 compiled in; others take the general tile, as
+  // do 64 output channels (their 3 x 4 weight vectors and 16 accumulators leave no registers).
+  if constexpr (KB > 2) {
+    if (s == 1)
+      ForwardStrided<C, KB, 1, 0>(pool, x, w, y, batch, hp, wp, h, wo, d);
+    else
+      ForwardStrided<C, KB, 2, 0>(pool, x, w, y, batch, hp, wp, h, wo, d);
+  } else if (s == 1 && d == 1) {
+    ForwardStrided<C, KB, 1, 1>(pool, x, w, y, batch, hp, wp, h, wo, d);
+  } else if (s == 1 && d == 2) {
+    ForwardStrided<C, KB, 1, 2>(pool, x, w, y, batch, hp, wp, h, wo, d);
+  } else if (s == 1 && d == 4) {
+    ForwardStrided<C, KB, 1, 4>(pool, x, w, y, batch, hp, wp, h, wo, d);
+  } else if (s == 1) {
+    ForwardStrided<C, KB, 1, 0>(pool, x, w, y, batch, hp, wp, h, wo, d);
+  } else if (d == 1) {
+    ForwardStrided<C, KB, 2, 1>(pool, x, w, y, batch, hp, wp, h, wo, d);
+  } else {
+    ForwardStrided<C, KB, 2, 0>(pool, x, w, y, batch, hp, wp, h, wo, d);
+  }
 }
 
 // One tap (i, j), CB input channels from c0 x KB blocks of 16 output channels, in registers.

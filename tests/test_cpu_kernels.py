@@ -74,7 +74,7 @@ def test_networks_with_rewrites_use_the_kernels():
   for net in (M.AttentionNet(width=8, dilations=(1, 2), rewrite=True),
               M.ResnetGenerator(width=8, num_res=1, rewrite=True)):
     params = net.init(jax.random.key(3), x)
-    for target in ("agcg_conv3x3", "agcg_instance_norm", "agcg_thin"):
+    for target in ("agcg_conv3x3", "agcg_instance_norm", "agcg_thin", "agcg_pad"):
       assert _uses_kernel(lambda p: net.apply(p, x), params, target=target)
       assert _uses_kernel(jax.grad(lambda p: jnp.sum(net.apply(p, x))), params, target=target)
     # Every forward conv is ours, the stride-2 ones included.
@@ -153,3 +153,25 @@ def test_instance_norm_equals_flax_forward_and_gradients(c, hw):
                             argnums=(0, 1)))(params, x) for m in (ref, ours)]
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * float(jnp.max(jnp.abs(a)))
+
+
+@pytest.mark.parametrize("shape, p", [((2, 9, 11, 8), 3), ((3, 5, 6, 16), 4), ((1, 4, 7, 3), 1)])
+@pytest.mark.parametrize("mode", ["reflect", "zeros"])
+def test_pad_kernel_equals_jnp_pad_and_its_gradient(shape, p, mode):
+  x = jax.random.normal(jax.random.key(10), shape)
+  ref = lambda x: jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)),
+                          mode="reflect" if mode == "reflect" else "constant")
+  ours = lambda x: D.pad(x, p, mode)
+  assert D.pad_supported(shape, p, x.dtype)
+  assert _uses_kernel(ours, x, target="agcg_pad")
+  np.testing.assert_array_equal(jax.jit(ours)(x), ref(x))
+  weight = jax.random.normal(jax.random.key(11), ref(x).shape)  # each padded pixel its own weight
+  grads = [jax.jit(jax.grad(lambda x, f=f: jnp.sum(weight * f(x))))(x) for f in (ref, ours)]
+  np.testing.assert_allclose(grads[1], grads[0], rtol=1e-6, atol=1e-6)
+
+
+def test_pad_kernel_only_where_it_applies():
+  assert not D.pad_supported((2, 4, 9, 8), 4, jnp.float32)    # reflect needs p < H
+  assert not D.pad_supported((2, 9, 9, 8), 0, jnp.float32)
+  assert not D.pad_supported((2, 9, 9, 8), 1, jnp.bfloat16)
+  assert not D.pad_supported((9, 9, 8), 1, jnp.float32)

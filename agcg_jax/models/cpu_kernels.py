@@ -1,9 +1,9 @@
 """Kernels for XLA:CPU of our own: XLA FFI custom calls, built from C++ on first use.
 
-XLA:CPU runs three parts of these networks well below what a core can do (docs/benchmarks.md
+XLA:CPU runs four parts of these networks well below what a core can do (docs/benchmarks.md
 "Speed"): the 3x3 convolutions of 8-64 channels at 16-64 px (the attention net's dilated residual
 blocks, the generator's residual, sub-pixel and stride-2 convs), the 7x7 first and last layers
-(one channel in or out) and instance norm over 8-64 channels. `cpu_kernels.cc` computes the same
+(one channel in or out), instance norm over 8-64 channels and padding. `cpu_kernels.cc` computes the same
 sums with the channels in vector registers and the channel counts as compile-time constants:
   conv3x3        VALID, stride 1 or 2, any dilation; forward and kernel gradient are FFI calls, the
                  input gradient of stride 1 is the forward of the padded output gradient with the
@@ -16,6 +16,8 @@ sums with the channels in vector registers and the channel counts as compile-tim
                  both gradients at 64 px, batch 4, one core: 1 -> 8 0.69 ms, 8 -> 1 0.58 ms
                  (XLA 3.8 and 5.3; conv_rewrites.py's matmuls 1.1 and 1.8).
   instance_norm  flax's nn.InstanceNorm (two-pass variance), forward and backward FFI calls.
+  pad            reflect or zero padding of H and W (PadConv's), forward and the reflect backward as
+                 FFI calls (row copies and adds; XLA's per-element loops ran at ~2 GB/s here).
 
 The source is compiled once per machine (`$CXX` or g++, -O3 -march=native) into
 `$AGCG_KERNEL_CACHE` (default ~/.cache/agcg_jax), keyed by the source, the compiler, the flags,
@@ -55,6 +57,8 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"agcg_conv3x3_forward": "AgcgConv3x3Forward",
             "agcg_conv3x3_kernel_grad": "AgcgConv3x3KernelGrad",
             "agcg_thin_forward": "AgcgThinForward",
+            "agcg_pad_forward": "AgcgPadForward",
+            "agcg_pad_backward": "AgcgPadBackward",
             "agcg_thin_kernel_grad": "AgcgThinKernelGrad",
             "agcg_instance_norm_forward": "AgcgInstanceNormForward",
             "agcg_instance_norm_backward": "AgcgInstanceNormBackward"}
@@ -244,6 +248,39 @@ def _thin_conv_bwd(res, g):
 
 
 thin_conv.defvjp(_thin_conv_fwd, _thin_conv_bwd)
+
+
+def pad_supported(x_shape, p: int, dtype) -> bool:
+  """Whether padding H and W of an [B, H, W, C] array by p runs on the pad kernel here."""
+  return len(x_shape) == 4 and 0 < p < min(x_shape[1], x_shape[2]) and _on_cpu(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def pad(x: jnp.ndarray, p: int, mode: str) -> jnp.ndarray:
+  """jnp.pad of H and W by p, mode 'reflect' or zeros (any other mode), on the pad kernel (see
+  `pad_supported`)."""
+  return _pad_forward(x, p, mode)
+
+
+def _pad_forward(x, p, mode):
+  b, h, w, c = x.shape
+  out = jax.ShapeDtypeStruct((b, h + 2 * p, w + 2 * p, c), jnp.float32)
+  return jax.ffi.ffi_call("agcg_pad_forward", out, vmap_method="sequential")(
+      x, pad=np.int64(p), reflect=np.int64(mode == "reflect"))
+
+
+def _pad_fwd(x, p, mode):
+  return _pad_forward(x, p, mode), x.shape
+
+
+def _pad_bwd(p, mode, shape, g):
+  if mode != "reflect":
+    return (g[:, p:-p, p:-p],)
+  return (jax.ffi.ffi_call("agcg_pad_backward", jax.ShapeDtypeStruct(shape, jnp.float32),
+                           vmap_method="sequential")(g, pad=np.int64(p)),)
+
+
+pad.defvjp(_pad_fwd, _pad_bwd)
 
 
 def norm_supported(x_shape, dtype) -> bool:

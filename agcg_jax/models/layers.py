@@ -17,10 +17,13 @@ from agcg_jax.models.conv_rewrites import upsample2x_conv
 Dtype = Any
 
 
-def pad(x: jnp.ndarray, p: int, mode: str) -> jnp.ndarray:
-  """Pads H and W of [B, H, W, C] by p on each side ('reflect' or 'zeros')."""
+def pad(x: jnp.ndarray, p: int, mode: str, rewrite: bool = False) -> jnp.ndarray:
+  """Pads H and W of [B, H, W, C] by p on each side ('reflect' or 'zeros'); `rewrite`: on the CPU
+  pad kernel where it applies (the same values)."""
   if p == 0:
     return x
+  if rewrite and cpu_kernels.pad_supported(x.shape, p, x.dtype):
+    return cpu_kernels.pad(x, p, mode)
   widths = ((0, 0), (p, p), (p, p), (0, 0))
   return jnp.pad(x, widths, mode="reflect" if mode == "reflect" else "constant")
 
@@ -48,7 +51,7 @@ class PadConv(nn.Module):
                        dtype=self.dtype, conv_general_dilated=upsample_conv)(x)
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     p = self.dilation * (self.kernel - 1) // 2
-    x = pad(x, p, self.padding)
+    x = pad(x, p, self.padding, self.rewrite)
     conv_fn = rewritten_conv if self.rewrite else None
     return nn.Conv(self.features, (self.kernel, self.kernel),
                    strides=(self.stride, self.stride),

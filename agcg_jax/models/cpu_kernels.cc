@@ -1,13 +1,15 @@
 // Kernels for XLA:CPU, as XLA FFI custom calls (agcg_jax/models/cpu_kernels.py builds this file on
-// first use and registers the handlers): a direct 3x3 convolution and instance norm.
+// first use and registers the handlers): a direct 3x3 convolution, thin 7x7 convolutions,
+// padding and instance norm.
 //
 // Convolution: stride s (1 or 2), any dilation d, NHWC input already padded, HWIO kernel, float32:
 //   forward      y[b, r, x, k]  = sum_{i, j, c} in[b, s r + i d, s x + j d, c] w[i, j, c, k]
 //   kernel grad  dw[i, j, c, k] = sum_{b, r, x} in[b, s r + i d, s x + j d, c] g[b, r, x, k]
 // The input gradient of a stride-1 conv is the forward of the padded output gradient with the
-// flipped, transposed kernel (cpu_kernels.py); a stride-2 conv's is XLA's. Output channels are held in 16-float vectors (GCC/Clang vector
-// extensions: one AVX-512 register, two AVX2 ones); the channel counts are template parameters
-// so the inner loops unroll. Work is split over XLA's intra-op thread pool.
+// flipped, transposed kernel (cpu_kernels.py); a stride-2 conv's is XLA's. Output channels are
+// held in 16-float vectors (GCC/Clang vector extensions: one AVX-512 register, two AVX2 ones);
+// the channel counts are template parameters so the inner loops unroll. Large calls are split
+// over XLA's intra-op thread pool.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -397,7 +399,8 @@ void ThinOutForward(ffi::ThreadPool& pool, const float* x, const float* w, float
       const float* in = x + (b * hp + r) * wp * C;
       float* out = y + br * wo;
       int64_t x0 = 0;
-      for (; x0 + PB <= wo; x0 += PB) ThinOutTile<KS, C, PB, true>(in + x0 * C, w, out + x0, wp, PB);
+      for (; x0 + PB <= wo; x0 += PB)
+        ThinOutTile<KS, C, PB, true>(in + x0 * C, w, out + x0, wp, PB);
       if (x0 < wo) ThinOutTile<KS, C, PB, false>(in + x0 * C, w, out + x0, wp, int(wo - x0));
     }
   });
@@ -443,7 +446,7 @@ void ThinOutKernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, fl
     case 7016: FN<7, 16>(__VA_ARGS__); break;                                             \
     case 7032: FN<7, 32>(__VA_ARGS__); break;                                             \
     case 7064: FN<7, 64>(__VA_ARGS__); break;                                             \
-    default: return ffi::Error::InvalidArgument("agcg thin conv: kernel size or channels not compiled in"); \
+    default: return ffi::Error::InvalidArgument("agcg thin conv: size or channels not compiled in"); \
   }
 
 // x [B, Hp, Wp, C] and w [k, k, C, F] with C == 1 or F == 1; y [B, Hp - k + 1, Wp - k + 1, F].
@@ -485,7 +488,7 @@ ffi::Error ThinKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 
-// ---- Padding H and W of an NHWC array by p: 'reflect' (numpy's: the edge is not repeated) or zeros ----
+// ---- Padding H and W of an NHWC array by p: 'reflect' (numpy's, edge not repeated) or zeros ----
 //   forward   y[b, r, x, c] = in[b, m(r - p, H), m(x - p, W), c], m reflecting (or 0 outside)
 //   backward  (reflect) dx[b, i, j, c] = sum of g over the padded pixels that read (i, j)
 // XLA:CPU runs both as per-element loops at ~2 GB/s on these channel counts; here they are row

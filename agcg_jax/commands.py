@@ -15,6 +15,7 @@ from agcg_jax import train
 from agcg_jax import workdir as wd
 from agcg_jax.distributed import is_main_process
 from agcg_jax.errors import UserError
+from agcg_jax.models import conv_rewrites, cpu_kernels
 
 # A write the filesystem refused: disk full, quota, no permission, read-only.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
@@ -151,6 +152,8 @@ def demo(config, workdir: str) -> int:
   if main:
     print(f"agcg demo: {config.data.kind} data -> {wd.dataset_dir(config, workdir, False)}",
           flush=True)
+  if conv_rewrites.resolve(config.model.conv_rewrites):
+    cpu_kernels.prebuild()  # compiled (first run only) while the data are prepared
   prepare(config, workdir)
   stages = ("classifier", "ctr", "gan") if config.data.kind == "phantoms" else ("classifier", "gan")
   if wd.masks_config(config) is not None:

@@ -133,9 +133,28 @@ def test_old_builds_are_pruned_keeping_the_most_recently_used(tmp_path):
     lib.write_bytes(b"")
     os.utime(lib, (1e9 - age, 1e9 - age))
   (tmp_path / "other.so").write_bytes(b"")  # not ours: left alone
+  (tmp_path / "tmpold.so").write_bytes(b"")  # a build cut off an hour ago
+  os.utime(tmp_path / "tmpold.so", (1e9, 1e9))
+  (tmp_path / "tmpnow.so").write_bytes(b"")  # a build running now
   D._prune(tmp_path, keep=4)
   assert sorted(p.name for p in tmp_path.iterdir()) == [
-      "cpu_kernels-a.so", "cpu_kernels-b.so", "cpu_kernels-c.so", "cpu_kernels-d.so", "other.so"]
+      "cpu_kernels-a.so", "cpu_kernels-b.so", "cpu_kernels-c.so", "cpu_kernels-d.so", "other.so",
+      "tmpnow.so"]
+
+
+def test_prebuild_hands_its_result_or_its_error_to_load(monkeypatch):
+  lib = D.build()  # cached
+  monkeypatch.setattr(D, "build", lambda: lib)
+  job = D._Prebuild()
+  job.start()
+  assert job.result() == lib
+  def broken():
+    raise RuntimeError("no C++ compiler 'c++-missing' on PATH (set CXX)")
+  monkeypatch.setattr(D, "build", broken)
+  job = D._Prebuild()
+  job.start()
+  with pytest.raises(RuntimeError, match="c\\+\\+-missing"):
+    job.result()
 
 
 @pytest.mark.parametrize("c, hw", [(8, (9, 13)), (16, (16, 16)), (32, (5, 7)), (64, (4, 3)),

@@ -39,6 +39,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -125,20 +127,54 @@ def build(cxx: str | None = None, out_dir: Path | None = None) -> Path:
 
 
 def _prune(out_dir: Path, keep: int = KEEP_BUILDS) -> None:
-  """Deletes all but the `keep` most recently used builds (older sources, jax versions, compilers).
-  A library another process has loaded stays mapped; that process is unaffected."""
+  """Deletes all but the `keep` most recently used builds (older sources, jax versions, compilers)
+  and builds left half-done over an hour ago. A library another process has loaded stays mapped;
+  that process is unaffected."""
   builds = sorted(out_dir.glob("cpu_kernels-*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
-  for old in builds[keep:]:
+  stale = [p for p in out_dir.glob("tmp*.so") if p.stat().st_mtime < time.time() - 3600]
+  for old in builds[keep:] + stale:
     try:
       old.unlink()
     except OSError:
       pass
 
 
+class _Prebuild(threading.Thread):
+  """build() in a daemon thread (an exit does not wait for the compiler); result() joins it."""
+
+  def __init__(self):
+    super().__init__(name="agcg-kernel-build", daemon=True)
+    self._lib, self._error = None, None
+
+  def run(self):
+    try:
+      self._lib = build()
+    except RuntimeError as e:
+      self._error = e
+
+  def result(self) -> Path:
+    self.join()
+    if self._error is not None:
+      raise self._error
+    return self._lib
+
+
+_prebuilt: _Prebuild | None = None
+
+
+def prebuild() -> None:
+  """Starts building the library in the background, so that a long job (`agcg demo`) compiles it
+  while it prepares data; the first `load()` waits for it. A no-op if already started."""
+  global _prebuilt
+  if _prebuilt is None:
+    _prebuilt = _Prebuild()
+    _prebuilt.start()
+
+
 @functools.cache
 def load() -> bool:
   """Builds (or finds) and registers the kernels once; False, with one warning, if that fails."""
-  return _load(build)
+  return _load(build if _prebuilt is None else _prebuilt.result)
 
 
 def _load(builder) -> bool:

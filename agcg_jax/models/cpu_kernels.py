@@ -61,9 +61,9 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"agcg_conv3x3_forward": "AgcgConv3x3Forward",
             "agcg_conv3x3_kernel_grad": "AgcgConv3x3KernelGrad",
             "agcg_thin_forward": "AgcgThinForward",
+            "agcg_thin_kernel_grad": "AgcgThinKernelGrad",
             "agcg_pad_forward": "AgcgPadForward",
             "agcg_pad_backward": "AgcgPadBackward",
-            "agcg_thin_kernel_grad": "AgcgThinKernelGrad",
             "agcg_instance_norm_forward": "AgcgInstanceNormForward",
             "agcg_instance_norm_backward": "AgcgInstanceNormBackward"}
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -308,14 +308,16 @@ def _pad_forward(x, p, mode):
 
 
 def _pad_fwd(x, p, mode):
-  return _pad_forward(x, p, mode), x.shape
+  return _pad_forward(x, p, mode), None
 
 
-def _pad_bwd(p, mode, shape, g):
+def _pad_bwd(p, mode, _, g):
   if mode != "reflect":
     return (g[:, p:-p, p:-p],)
-  return (jax.ffi.ffi_call("agcg_pad_backward", jax.ShapeDtypeStruct(shape, jnp.float32),
-                           vmap_method="sequential")(g, pad=np.int64(p)),)
+  b, hp, wp, c = g.shape
+  shape = jax.ShapeDtypeStruct((b, hp - 2 * p, wp - 2 * p, c), jnp.float32)
+  return (jax.ffi.ffi_call("agcg_pad_backward", shape, vmap_method="sequential")(
+      g, pad=np.int64(p)),)
 
 
 pad.defvjp(_pad_fwd, _pad_bwd)

@@ -194,3 +194,22 @@ def test_pad_kernel_only_where_it_applies():
   assert not D.pad_supported((2, 9, 9, 8), 0, jnp.float32)
   assert not D.pad_supported((2, 9, 9, 8), 1, jnp.bfloat16)
   assert not D.pad_supported((9, 9, 8), 1, jnp.float32)
+
+
+# Calls of 2^25 multiply-adds or more are split over XLA's thread pool (ParallelFor); the tests
+# above stay below that. One of each kind above it, forward and both gradients.
+@pytest.mark.parametrize("kind", ["conv3x3", "thin_in", "thin_out"])
+def test_calls_split_over_threads_equal_xla(kind):
+  if kind == "conv3x3":
+    x = jax.random.normal(jax.random.key(12), (4, 34, 34, 64))
+    w = 0.05 * jax.random.normal(jax.random.key(13), (3, 3, 64, 64))  # 151M multiply-adds
+    conv = lambda x, w: D.conv3x3(x, w, 1)
+  else:
+    c, f = (1, 64) if kind == "thin_in" else (64, 1)
+    x = jax.random.normal(jax.random.key(12), (1, 118, 118, c))
+    w = 0.05 * jax.random.normal(jax.random.key(13), (7, 7, c, f))  # 39M multiply-adds
+    conv = D.thin_conv
+  np.testing.assert_allclose(jax.jit(conv)(x, w), _lax(1)(x, w), rtol=1e-4, atol=1e-4)
+  (_, (dx1, dw1)), (_, (dx2, dw2)) = _value_and_grads(_lax(1), x, w), _value_and_grads(conv, x, w)
+  for a, b in ((dx1, dx2), (dw1, dw2)):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(a)))

@@ -164,9 +164,10 @@ _prebuilt: _Prebuild | None = None
 
 def prebuild() -> None:
   """Starts building the library in the background, so that a long job (`agcg demo`) compiles it
-  while it prepares data; the first `load()` waits for it. A no-op if already started."""
+  while it prepares data; the first `load()` waits for it. A no-op if already started or if the
+  backend is not the CPU (the kernels would not be used)."""
   global _prebuilt
-  if _prebuilt is None:
+  if _prebuilt is None and jax.default_backend() == "cpu":
     _prebuilt = _Prebuild()
     _prebuilt.start()
 

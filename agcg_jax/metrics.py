@@ -14,6 +14,7 @@ Conventions: maps and masks [B, S, S]; images in [-1, 1], so one grey level
 (of 255) is `GREY` = 2/255; boxes (x0, y0, x1, y1) in pixel edges (pixel j
 spans [j, j+1), so a box covering columns 3..7 has x0 = 3, x1 = 8).
 """
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -77,21 +78,62 @@ def pearson(a: jnp.ndarray, b: jnp.ndarray, mask: jnp.ndarray | None = None) -> 
   return jnp.where(den > 0, cov / jnp.where(den > 0, den, 1.0), 0.0)
 
 
+def _order_keys(x: jnp.ndarray) -> jnp.ndarray:
+  """uint32 keys in the order of float32 `x` (-0.0 taken as 0.0; NaN above +inf)."""
+  i = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x).astype(jnp.float32), jnp.int32)
+  i = jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)  # negative floats: reverse their bits' order
+  return jax.lax.bitcast_convert_type(i, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def _from_order_keys(u: jnp.ndarray) -> jnp.ndarray:
+  i = jax.lax.bitcast_convert_type(u ^ jnp.uint32(0x80000000), jnp.int32)
+  return jax.lax.bitcast_convert_type(jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i), jnp.float32)
+
+
+def kth_smallest(values: jnp.ndarray, mask: jnp.ndarray, k: jnp.ndarray) -> jnp.ndarray:
+  """[B]: the k-th (0-based) smallest of values [B, N] where mask [B, N], k [B] int.
+
+  Exactly `jnp.sort(where(mask, values, inf))[k]` for 0 <= k < count, without
+  the sort: a bisection on the values' order-preserving 32-bit keys, 32
+  counting passes over [B, N] (a 65,536-pixel sort per image was half of
+  evaluation's time at 256 px). Past the count it returns the largest key
+  (NaN bits), so callers guard k.
+  """
+  keys = _order_keys(values)
+  mask = mask.astype(bool)
+  k = jnp.asarray(k, jnp.int32)
+  lo = jnp.zeros(values.shape[:1], jnp.uint32)
+  hi = jnp.full(values.shape[:1], 0xFFFFFFFF, jnp.uint32)
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum((keys <= mid[:, None]) & mask, axis=1, dtype=jnp.int32) > k
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+  return _from_order_keys(lo)
+
+
 def topk_iou(maps: jnp.ndarray, support: jnp.ndarray, within: jnp.ndarray | None = None) -> jnp.ndarray:
   """[B]: IoU of the map's k highest pixels (inside `within`) with `support`, k = |support|.
 
-  Ties at the k-th value are broken by pixel order, so exactly k pixels are
-  taken. 0 where the support is empty.
+  Ties at the k-th value are broken by pixel order (the first ones are
+  taken), so exactly k pixels are taken. 0 where the support is empty.
   """
   b = maps.shape[0]
   flat = maps.reshape(b, -1).astype(jnp.float32)
   supp = support.reshape(b, -1).astype(bool)
   if within is not None:
     flat = jnp.where(within.reshape(b, -1).astype(bool), flat, -jnp.inf)
-  k = jnp.sum(supp, axis=1)
-  order = jnp.argsort(-flat, axis=1, stable=True)
-  ranks = jnp.argsort(order, axis=1, stable=True)  # rank of each pixel, 0 = highest
-  top = ranks < k[:, None]
+  n = flat.shape[1]
+  k = jnp.sum(supp, axis=1, dtype=jnp.int32)
+  # The k-th highest value, then every pixel above it and the first ties at it.
+  kth = kth_smallest(flat, jnp.ones_like(supp), jnp.clip(n - k, 0, n - 1))[:, None]
+  above, tie = flat > kth, flat == kth
+  ties_wanted = k - jnp.sum(above, axis=1, dtype=jnp.int32)
+  top = above | (tie & (jnp.cumsum(tie, axis=1, dtype=jnp.int32) <= ties_wanted[:, None]))
+  top &= (k > 0)[:, None]
   inter = jnp.sum(top & supp, axis=1)
   union = jnp.sum(top | supp, axis=1)
   return jnp.where(union > 0, inter / jnp.maximum(union, 1), 0.0)

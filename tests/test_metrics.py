@@ -73,6 +73,48 @@ def test_topk_iou_ties_take_exactly_k():
   np.testing.assert_allclose(M.topk_iou(flat, supp), [1.0])
 
 
+def _topk_iou_by_sorting(maps, support, within=None):
+  """The sort-based definition topk_iou must equal: rank every pixel (stable, highest first)."""
+  b = maps.shape[0]
+  flat = np.asarray(maps, np.float32).reshape(b, -1)
+  supp = np.asarray(support, bool).reshape(b, -1)
+  if within is not None:
+    flat = np.where(np.asarray(within, bool).reshape(b, -1), flat, -np.inf)
+  ranks = np.argsort(np.argsort(-flat, axis=1, kind="stable"), axis=1, kind="stable")
+  top = ranks < supp.sum(1, keepdims=True)
+  union = (top | supp).sum(1)
+  return np.where(union > 0, (top & supp).sum(1) / np.maximum(union, 1), 0.0)
+
+
+def test_kth_smallest_equals_sorting():
+  rng = np.random.default_rng(3)
+  # Ties, negatives, both zeros, infinities and tiny values: every order the keys must keep.
+  pool = np.array([-np.inf, -2.5, -1.0, -1e-30, -0.0, 0.0, 1e-30, 0.25, 0.5, 3.0, np.inf], np.float32)
+  values = np.concatenate([rng.choice(pool, (6, 40)), rng.normal(size=(6, 40)).astype(np.float32)], 1)
+  mask = rng.uniform(size=values.shape) < 0.6
+  count = mask.sum(1)
+  for k in (np.zeros(6, np.int32), (count - 1) // 2, count - 1, rng.integers(0, count)):
+    want = np.sort(np.where(mask, values, np.inf), 1)[np.arange(6), k]
+    got = np.asarray(jax.jit(M.kth_smallest)(values, mask, k))
+    np.testing.assert_array_equal(got == 0, want == 0)  # -0.0 and 0.0 are one value, as in a sort
+    np.testing.assert_array_equal(np.where(got == 0, 0.0, got), np.where(want == 0, 0.0, want))
+
+
+@pytest.mark.parametrize("with_within", [False, True])
+def test_topk_iou_equals_sorting(with_within):
+  rng = np.random.default_rng(4)
+  # Coarse values (many ties, also at the k-th value), empty and full supports.
+  maps = np.round(rng.uniform(-1, 1, (8, 16, 16)) * 4).astype(np.float32) / 4
+  maps[2] = 0.0
+  supp = rng.uniform(size=maps.shape) < rng.uniform(0, 0.5, (8, 1, 1))
+  supp[3], supp[4] = False, True
+  within = (rng.uniform(size=maps.shape) < 0.7) | supp if with_within else None
+  got = np.asarray(jax.jit(M.topk_iou)(jnp.asarray(maps), jnp.asarray(supp),
+                                       None if within is None else jnp.asarray(within)))
+  np.testing.assert_allclose(got, _topk_iou_by_sorting(maps, supp, within), rtol=1e-6)
+  assert got[3] == 0.0 and got[4] == 1.0
+
+
 def test_truth_support_threshold_and_body():
   g = M.GREY
   real = _b([[0.0, 0.0], [0.0, 0.0]])

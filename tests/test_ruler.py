@@ -1,5 +1,6 @@
 """Tests of the model-free CTR ruler (`agcg_jax.ruler`)."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -113,3 +114,21 @@ def test_unmeasurable_is_nan_and_bad_shape_raises():
   np.testing.assert_allclose(out["ctr"][2], 5.0 / 22.0, atol=1e-4)
   with pytest.raises(ValueError, match="images must be"):
     ruler.silhouette_ctr(np.zeros((2, 32, 32, 3), np.float32))
+
+
+@pytest.mark.parametrize("size", [48, 67])
+def test_opening_and_medians_equal_their_direct_forms(size):
+  """The separable opening equals the square filters, the bisection median the sorted one."""
+  rng = np.random.default_rng(size)
+  x = jnp.asarray(np.round(rng.uniform(0, 1, (3, size, size)) * 50) / 50, jnp.float32)
+  r = max(1, round(size / 48))
+  win = (1, 2 * r + 1, 2 * r + 1)
+  low = jax.lax.reduce_window(x, jnp.inf, jax.lax.min, win, (1, 1, 1), "SAME")
+  want = jax.lax.reduce_window(low, -jnp.inf, jax.lax.max, win, (1, 1, 1), "SAME")
+  np.testing.assert_array_equal(np.asarray(ruler._grey_open(x, r)), np.asarray(want))
+  for mask in (x > 0.3, x > 2.0, jnp.ones(x.shape, bool).at[0, 0, 0].set(False)):
+    flat, m = np.asarray(x).reshape(3, -1), np.asarray(mask).reshape(3, -1)
+    count = m.sum(1)
+    sorted_ = np.sort(np.where(m, flat, np.inf), 1)
+    want = np.where(count > 0, sorted_[np.arange(3), np.maximum(count - 1, 0) // 2], 0.0)
+    np.testing.assert_array_equal(np.asarray(ruler._median_where(x, mask))[:, 0, 0], want)

@@ -573,26 +573,36 @@ def evaluate(config, workdir: str, progress: bool = True) -> dict:
   sums, seen, test_boxes, swap, per_image = {}, 0, [], _BoxSwap(), _PerImage()
   batches = pipeline.eval_batches(source, batch_size=batch_size, shard_index=jax.process_index(),
                                   shard_count=jax.process_count())
-  for batch in progress_lib.bar(batches, desc="evaluate", unit="batch",
-                                disable=not (progress and is_main_process())):
-    dev = sh.to_global(_device_batch(batch), mesh)
-    s, figure = fn(cls_params, gan_params, ctr_params, prior, dev, seg_params)
-    s = jax.device_get(s)
-    for k, v in s.items():
+
+  def consume(batch, s, figure):
+    """Host side of one batch: the sums, the per-image rows, the examples, the boxed maps."""
+    for k, v in jax.device_get(s).items():
       sums[k] = sums.get(k, 0.0) + float(v)
-    preds = np.asarray(jax.device_get(figure["pred"]))
     valid = np.asarray(batch["valid"], bool)
     if "has_cardiomegaly_box" in batch:
       test_boxes.append(_boxes_of(batch))
-    if "has_cardiomegaly_box" in batch:
       swap.add(batch, figure, valid)
     per_image.add(batch, figure, valid)
+    preds = np.asarray(jax.device_get(figure["pred"]))
     rows = examples.wanted(np.asarray(batch["label"]), preds, valid)
     examples.add(batch, figure, rows, batch.get("heart_mask"))
-    seen += int(valid.sum())
+
+  # One batch ahead: the next batch is read and dispatched before the host waits on this
+  # one's results, so reading and the host's share overlap the device's work.
+  pending = None
+  for batch in progress_lib.bar(batches, desc="evaluate", unit="batch",
+                                disable=not (progress and is_main_process())):
+    dev = sh.to_global(_device_batch(batch), mesh)
+    out = fn(cls_params, gan_params, ctr_params, prior, dev, seg_params)
+    if pending is not None:
+      consume(*pending)
+    pending = (batch, *out)
+    seen += int(np.asarray(batch["valid"], bool).sum())
     # (every process yields the same number of batches, so they stop together)
     if config.eval.max_examples and seen * jax.process_count() >= config.eval.max_examples:
       break
+  if pending is not None:
+    consume(*pending)
   baselines = None
   if test_boxes:
     every = _gather_rows(np.concatenate(test_boxes))

@@ -2,6 +2,7 @@
 on the finished run, and bad input answered with one line, never a traceback."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -170,6 +171,22 @@ def test_evaluating_with_other_networks_is_one_line(tiny_run):
   workdir, _ = tiny_run
   proc = agcg("evaluate", "--config", TINY, "--workdir", workdir, "--config.model.cls_layers=3")
   assert_one_line_error(proc, "trained with other networks", "model.cls_layers=2 there, 3 here")
+
+
+@pytest.mark.slow
+def test_evaluate_scores_every_batch_and_stops_at_max_examples(tiny_run, tmp_path):
+  """Evaluation runs one batch ahead: the last batch is still scored, and max_examples still stops it."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_run[0], workdir)
+  for extra, n in (((), 16), (("--config.eval.max_examples=5",), 8)):
+    proc = agcg("evaluate", "--config", TINY, "--workdir", workdir, "--config.eval.batch_size=4", *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "metrics.json")) as f:
+      m = json.load(f)
+    assert m["num_test"] == np.sum(m["confusion_original"]) == n
+    with open(os.path.join(workdir, "eval", "per_image.csv")) as f:
+      ids = [line.split(",")[0] for line in f.read().splitlines()[1:]]
+    assert len(ids) == len(set(ids)) == n
 
 
 @pytest.mark.slow

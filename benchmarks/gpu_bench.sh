@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The GPU check, as ONE prepared command for a lent GPU machine (issue 2/4):
+# The GPU check, as ONE prepared command for a lent GPU machine (issue 10):
 # our AG-CycleGAN step beside the PyTorch peer, same sizes, same card, same call.
 #
 # Here, first:   bash ../shared/device/wheels.sh
 #                mkdir -p .device && cp ../shared/peers/torch_agcg.py .device/
 # Then, with the device tool: command "bash benchmarks/gpu_bench.sh", carry [".whl", ".device"].
-# Results: $OUT/bench.jsonl (one JSON line per configuration) and a table on stdout.
+# Results: $OUT/bench.jsonl (one JSON line per configuration) and a table on stdout; then, if the
+# rows took under EVAL_AFTER_S seconds (default 330), `agcg evaluate` at scale
+# (benchmarks/eval_bench.sh: paper networks, 256 px, 1,000 test phantoms; its last line
+# eval_images_per_s=...) and the input pipeline on this host ($OUT/input.jsonl), then one row with
+# the CPU conv rewrites on; each time-boxed so that the whole script stays under ~560 s (the
+# device tool's limit per command is 600 s; what is under $OUT comes back even when cut).
 # Copy the numbers, with the date, card and this command, into docs/benchmarks.md.
 set -uo pipefail
 OUT="${OUT:-/tmp/agcg-bench}"; mkdir -p "$OUT"
@@ -19,10 +24,6 @@ for b in 1 8; do
   python3 .device/torch_agcg.py --size 256 --batch "$b" --steps "$STEPS" >> "$OUT/bench.jsonl" || true
   python3 .device/torch_agcg.py --size 256 --batch "$b" --steps "$STEPS" --bf16 >> "$OUT/bench.jsonl" || true
 done
-# The exact conv rewrites (models/conv_rewrites.py) are on by default only on the CPU; one row with
-# them on here says whether the GPU default should change.
-python3 -m agcg_jax.cli bench --size 256 --batch 8 --dtype bf16 --steps "$STEPS" --out "$OUT/bench.jsonl" \
-  --config.model.conv_rewrites=on || echo "agcg bench with conv rewrites failed"
 python3 - "$OUT/bench.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
@@ -36,3 +37,21 @@ for r in rows:
   print(f"{impl:22} {key(r)[0]:>5} {r['images_per_s']:8.1f} {r['ms_per_step']:8.1f} "
         f"{r.get('compile_s', ''):>9} {ratio:>8}")
 PY
+if (( SECONDS < ${EVAL_AFTER_S:-330} )); then
+  EV=/tmp/agcg-eval-bench
+  AGCG="python3 -m agcg_jax.cli" WORKDIR="$EV" timeout "${EVAL_LIMIT_S:-170}" bash benchmarks/eval_bench.sh \
+    | tee "$OUT/eval.txt" || echo "eval_bench failed or ran out of time (see $EV.demo.log)"
+  cp "$EV.demo.log" "$OUT/" 2>/dev/null || true
+  for d in "$EV"/data/phantom_chest_xray/*/1.2.0; do
+    timeout 50 python3 -m agcg_jax.cli bench --input "$d" --batch 8 --workers 0 4 --out "$OUT/input.jsonl" \
+      | cut -c1-200 || echo "input bench failed"
+  done
+else
+  echo "skipped the evaluation and input rows: ${SECONDS} s already (EVAL_AFTER_S=${EVAL_AFTER_S:-330})"
+fi
+if (( SECONDS < 460 )); then
+  # The exact conv rewrites (models/conv_rewrites.py) are on by default only on the CPU; one row with
+  # them on here says whether the GPU default should change.
+  timeout 100 python3 -m agcg_jax.cli bench --size 256 --batch 8 --dtype bf16 --steps "$STEPS" --out "$OUT/bench.jsonl" \
+    --config.model.conv_rewrites=on || echo "agcg bench with conv rewrites failed"
+fi

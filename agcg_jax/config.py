@@ -248,6 +248,7 @@ def base() -> ml_collections.ConfigDict:
   m.dis_sigmoid = False        # hinge loss wants raw logits (DESIGN.md)
   m.cls_width = 64             # classifier trunk = discriminator trunk
   m.cls_layers = 3
+  m.cls_norm = "instance"       # instance | none: the classifier trunk's normalisation (docs/benchmarks.md, CAM)
 
   c.classifier = k = ml_collections.ConfigDict()
   k.batch_per_device = 8

@@ -103,8 +103,12 @@ def image_shape(config) -> tuple[int, int, int]:
 
 
 def classifier_model(config) -> M.Classifier:
+  norm = config.model.cls_norm
+  if norm not in ("instance", "none"):
+    raise UserError(f"--config.model.cls_norm={norm!r}: use 'instance' or 'none'")
   return M.Classifier(width=config.model.cls_width, num_layers=config.model.cls_layers,
-                      num_classes=NUM_CLASSES, dtype=compute_dtype(config.model.dtype))
+                      num_classes=NUM_CLASSES, dtype=compute_dtype(config.model.dtype),
+                      norm=norm == "instance")
 
 
 def ctr_model(config) -> M.Classifier:

@@ -35,7 +35,7 @@ STAGE_SECTIONS = {
     "segmenter": ("seed", "data", "eval_data", "segmenter"),
 }
 MODEL_FIELDS = {
-    "classifier": ("dtype", "cls_width", "cls_layers"),
+    "classifier": ("dtype", "cls_width", "cls_layers", "cls_norm"),
     "gan": ("dtype", "padding", "gen_width", "gen_down", "gen_res", "gen_upsample",
             "att_width", "att_dilations", "dis_width", "dis_layers", "dis_sigmoid"),
     "ctr": ("dtype",),  # its widths live in config.ctr (recorded with that section)
@@ -208,7 +208,7 @@ def _may_change(stage: str):
     if (section in ("data", "eval_data") and field.partition(".")[0] in KIND_SECTIONS
         and current is None):
       return True  # an older record listed every kind's options: drop the unused ones
-    if recorded is None and section in STAGE_SECTIONS[stage] and current == _default(key):
+    if recorded is None and section in (*STAGE_SECTIONS[stage], "model") and current == _default(key):
       return True  # a field added since the run began, at its default: the run is unchanged
     if section != stage or field not in RESUMABLE_FIELDS:
       return False

@@ -523,3 +523,20 @@ def test_orbax_echoes_after_a_failed_read_are_dropped_and_others_kept():
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "ECHO" not in proc.stderr
   assert "OTHER" in proc.stderr
+
+
+def test_a_classifier_recorded_before_cls_norm_resumes_only_with_the_norm(tmp_path):
+  """model.cls_norm came later: an older classifier record resumes at 'instance', not at 'none'."""
+  run_copy = str(tmp_path)
+  train._record_stage_config(tiny(), run_copy, "classifier")
+  path = os.path.join(run_copy, "classifier", "config.json")
+  with open(path) as f:
+    record = json.load(f)
+  del record["model"]["cls_norm"]
+  with open(path, "w") as f:
+    json.dump(record, f)
+  train._record_stage_config(tiny(), run_copy, "classifier")
+  with open(path) as f:
+    assert json.load(f)["model"]["cls_norm"] == "instance"
+  with pytest.raises(UserError, match=r"differs in model\.cls_norm"):
+    train._record_stage_config(tiny("model.cls_norm=none"), run_copy, "classifier")

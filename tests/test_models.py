@@ -60,6 +60,19 @@ class NetworkTest(chex.TestCase):
     chex.assert_shape(logits, (2, 2))
     chex.assert_shape(inter["intermediates"]["features"][0], (2, 7, 7, 32))
     assert params["params"]["head"]["kernel"].shape == (32, 2)
+    # Without the trunk's instance norms (model.cls_norm=none): no norm parameters, a bias on
+    # every conv, the same features' shape, and other features than with the norms.
+    plain = M.Classifier(width=4, num_layers=3, norm=False)
+    p_plain = plain.init(KEY, x)
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(p_plain)[0]]
+    assert not any("Norm" in k for k in paths), paths
+    assert any("Norm" in jax.tree_util.keystr(k)
+               for k, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+    trunk = p_plain["params"]["PatchTrunk_0"]
+    assert all("bias" in trunk[f"Conv_{i}"] for i in range(4)), paths
+    _, inter_plain = self.variant(lambda p, v: plain.apply(p, v, mutable=["intermediates"]))(
+        p_plain, x)
+    chex.assert_shape(inter_plain["intermediates"]["features"][0], (2, 7, 7, 32))
 
 
 def test_bf16_compute_keeps_fp32_params():

@@ -18,10 +18,11 @@ class Classifier(nn.Module):
   num_layers: int = 3
   num_classes: int = 2
   dtype: Dtype = jnp.float32
+  norm: bool = True  # the trunk's instance norms
 
   @nn.compact
   def __call__(self, x):
-    f = PatchTrunk(self.width, self.num_layers, self.dtype)(x).astype(jnp.float32)
+    f = PatchTrunk(self.width, self.num_layers, self.dtype, self.norm)(x).astype(jnp.float32)
     self.sow("intermediates", "features", f)
     pooled = jnp.mean(f, axis=(1, 2))
     return nn.Dense(self.num_classes, name="head")(pooled)

@@ -26,10 +26,13 @@ class PatchTrunk(nn.Module):
 
   [B, H, W, C] -> [B, H', W', w * 2**num_layers]. Shared by the
   discriminator and the classifier (paper Sec. 4.3: same feature extractor).
+  `norm=False` leaves out the instance norms (the classifier's
+  `model.cls_norm=none`; a conv bias takes their place).
   """
   width: int = 64
   num_layers: int = 3
   dtype: Dtype = jnp.float32
+  norm: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -38,8 +41,8 @@ class PatchTrunk(nn.Module):
     for i in range(self.num_layers + 1):
       stride = 2 if i < self.num_layers else 1
       h = nn.Conv(ch, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                  use_bias=(i == 0), dtype=self.dtype)(h)
-      if i > 0:
+                  use_bias=(i == 0 or not self.norm), dtype=self.dtype)(h)
+      if i > 0 and self.norm:
         h = instance_norm(self.dtype)(h)
       h = nn.leaky_relu(h, 0.2)
       ch = min(2 * ch, 8 * self.width)

@@ -19,10 +19,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 STEPS="${STEPS:-30}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 for b in 1 8; do
-  python3 -m agcg_jax.cli bench --size 256 --batch "$b" --dtype fp32 bf16 --steps "$STEPS" \
-    --out "$OUT/bench.jsonl" || echo "agcg bench batch $b failed"
-  python3 .device/torch_agcg.py --size 256 --batch "$b" --steps "$STEPS" >> "$OUT/bench.jsonl" || true
-  python3 .device/torch_agcg.py --size 256 --batch "$b" --steps "$STEPS" --bf16 >> "$OUT/bench.jsonl" || true
+  for dt in fp32 bf16; do  # one process each: a row lands in bench.jsonl as soon as it is measured
+    timeout 120 python3 -m agcg_jax.cli bench --size 256 --batch "$b" --dtype "$dt" --steps "$STEPS" \
+      --out "$OUT/bench.jsonl" || echo "agcg bench batch $b $dt failed or ran out of time"
+  done
+  timeout 45 python3 .device/torch_agcg.py --size 256 --batch "$b" --steps "$STEPS" >> "$OUT/bench.jsonl" || true
+  timeout 45 python3 .device/torch_agcg.py --size 256 --batch "$b" --steps "$STEPS" --bf16 >> "$OUT/bench.jsonl" || true
 done
 python3 - "$OUT/bench.jsonl" <<'PY'
 import json, sys

@@ -378,17 +378,23 @@ def test_what_changes_the_networks_or_the_data_is_still_refused(tmp_path):
                                  stage)
 
 
+def _record_without(run_copy, stage, section, fields):
+  """A stage record as an older version wrote it: without `fields` of `section`. Returns its path."""
+  train._record_stage_config(tiny(), run_copy, stage)
+  path = os.path.join(run_copy, stage, "config.json")
+  with open(path) as f:
+    record = json.load(f)
+  for field in fields:
+    del record[section][field]
+  with open(path, "w") as f:
+    json.dump(record, f)
+  return path
+
+
 def test_a_record_from_before_a_new_field_resumes_only_at_its_default(tmp_path):
   """A run recorded before gan.attention_prior_* existed resumes; a non-default value is refused."""
   run_copy = str(tmp_path)
-  train._record_stage_config(tiny(), run_copy, "gan")
-  path = os.path.join(run_copy, "gan", "config.json")
-  with open(path) as f:
-    record = json.load(f)
-  for field in ("attention_prior_start", "attention_prior_ramp"):
-    del record["gan"][field]
-  with open(path, "w") as f:
-    json.dump(record, f)
+  _record_without(run_copy, "gan", "gan", ("attention_prior_start", "attention_prior_ramp"))
   train._record_stage_config(tiny(), run_copy, "gan")  # the defaults: the same run
   with pytest.raises(UserError, match=r"differs in gan\.attention_prior_ramp"):
     train._record_stage_config(tiny("gan.attention_prior_ramp=0.5", "gan.attention_prior_start=0.3"),
@@ -528,13 +534,7 @@ def test_orbax_echoes_after_a_failed_read_are_dropped_and_others_kept():
 def test_a_classifier_recorded_before_cls_norm_resumes_only_with_the_norm(tmp_path):
   """model.cls_norm came later: an older classifier record resumes at 'instance', not at 'none'."""
   run_copy = str(tmp_path)
-  train._record_stage_config(tiny(), run_copy, "classifier")
-  path = os.path.join(run_copy, "classifier", "config.json")
-  with open(path) as f:
-    record = json.load(f)
-  del record["model"]["cls_norm"]
-  with open(path, "w") as f:
-    json.dump(record, f)
+  path = _record_without(run_copy, "classifier", "model", ("cls_norm",))
   train._record_stage_config(tiny(), run_copy, "classifier")
   with open(path) as f:
     assert json.load(f)["model"]["cls_norm"] == "instance"

@@ -385,13 +385,19 @@ class _PerImage:
 
 
 class _BoxSwap:
-  """Keeps the boxed images' maps (positive part, pooled to metrics.SWAP_GRID) for the box-swap margin."""
+  """Keeps the boxed images' maps (positive part, pooled to metrics.SWAP_GRID) for the box-swap margin.
+
+  With several processes each keeps its own images' maps; `result` gathers them
+  all, so every process computes the margin of the whole test set.
+  """
 
   def __init__(self):
     self.maps = {name: [] for name in BOX_MAPS}
     self.boxes = []
+    self.scored = False  # the dataset has boxes (the same on every process)
 
   def add(self, batch: dict, figure: dict, valid: np.ndarray) -> None:
+    self.scored = True
     keep = valid & (np.asarray(batch["has_cardiomegaly_box"]) > 0)
     if not keep.any():
       return
@@ -404,13 +410,17 @@ class _BoxSwap:
     self.boxes.append(np.asarray(batch["cardiomegaly_box"], np.float32)[idx])
 
   def result(self, size: int, seed: int) -> dict:
-    """{<map>_box_swap_margin, <map>_box_swap_margin_ci}; this process's boxed images."""
-    if not self.boxes or jax.process_count() > 1:  # (pooling maps across hosts: not yet)
+    """{<map>_box_swap_margin, <map>_box_swap_margin_ci} over every process's boxed images."""
+    if not self.scored:
       return {}
-    boxes = np.concatenate(self.boxes)
+    local = lambda parts, empty: np.concatenate(parts) if parts else empty
+    boxes = _gather_rows(local(self.boxes, np.zeros((0, 4), np.float32)))
+    if not len(boxes):
+      return {}
     out = {}
     for name in BOX_MAPS:
-      margins = M.box_swap_margins(np.concatenate(self.maps[name]), boxes, size)
+      maps = _gather_rows(local(self.maps[name], M.pool_map(np.zeros((0, size, size), np.float32))))
+      margins = M.box_swap_margins(maps, boxes, size)
       if np.isfinite(margins).any():
         out[f"{name}_box_swap_margin"] = float(np.nanmean(margins))
         out[f"{name}_box_swap_margin_ci"] = M.bootstrap_ci(margins, seed=seed)
@@ -503,14 +513,14 @@ def _boxes_of(batch: dict) -> np.ndarray:
 
 
 def _gather_rows(rows: np.ndarray) -> np.ndarray:
-  """Every process's [n_i, 4] rows, concatenated in process order."""
+  """Every process's rows [n_i, ...] (the same trailing shape), concatenated in process order."""
   if jax.process_count() == 1:
     return rows
   from jax.experimental import multihost_utils
   counts = np.asarray(multihost_utils.process_allgather(np.array([len(rows)], np.int32))).reshape(-1)
-  padded = np.zeros((int(counts.max()), 4), np.float32)
+  padded = np.zeros((int(counts.max()), *rows.shape[1:]), rows.dtype)
   padded[:len(rows)] = rows
-  every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(counts), -1, 4)
+  every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(counts), -1, *rows.shape[1:])
   return np.concatenate([every[i, :c] for i, c in enumerate(counts)])
 
 

@@ -47,9 +47,17 @@ def _cmd(command, workdir, data_dir, *overrides):
 def _launch(command, workdir, data_dir, *overrides, devices, num, ids=None, timeout_s=60,
             nums=None):
   """Starts processes `ids` (default all) of a `num`-process run of `agcg command`."""
+  return _launch_cli(command, workdir, f"--config.data.dir={data_dir}", *overrides, devices=devices,
+                     num=num, ids=ids, timeout_s=timeout_s, nums=nums)
+
+
+def _launch_cli(command, workdir, *overrides, devices, num, ids=None, timeout_s=60, nums=None):
+  """`_launch` with every override given (no data.dir of the tiny phantoms)."""
   port = _free_port()
   ids = range(num) if ids is None else ids
-  return [subprocess.Popen(_cmd(command, workdir, data_dir, *overrides), cwd=ROOT, stdout=subprocess.PIPE,
+  cmd = [sys.executable, "-m", "agcg_jax.cli", command, "--config", TINY, "--workdir", workdir,
+         *overrides]
+  return [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True,
                            env=_env(devices, AGCG_DISTRIBUTED=1, AGCG_COORDINATOR=f"127.0.0.1:{port}",
                                     AGCG_NUM_PROCESSES=num if nums is None else nums[i],

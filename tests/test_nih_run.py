@@ -10,19 +10,21 @@ from agcg_jax import config as config_lib
 from agcg_jax import evaluate, report, train
 from agcg_jax.data import tfds_nih
 from agcg_jax.examples import ExampleMaps
+from tests.test_multiprocess import _launch_cli as _launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "nih")
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_nih_fixture_trains_and_is_scored_against_expert_boxes(tmp_path, tiny_config, one_device_mesh):
   data = str(tmp_path / "data")
   # The official split: every expert box of the release is on a test image.
   tfds_nih.prepare_nih(FIXTURE, data, size=32, split="official", balance="none", workers=1)
-  config = config_lib.apply_overrides(tiny_config, [
-      "data.kind=nih", f"data.dir={data}", "data.image_size=32", "data.nih.split=official",
-      "data.nih.balance=none", "classifier.class_weights=true"])
+  overrides = ["data.kind=nih", f"data.dir={data}", "data.image_size=32", "data.nih.split=official",
+               "data.nih.balance=none", "classifier.class_weights=true"]
+  config = config_lib.apply_overrides(tiny_config, overrides)
   workdir = str(tmp_path / "run")
   for name in ("classifier", "gan"):
     train._record_stage_config(config, workdir, name)
@@ -54,3 +56,20 @@ def test_nih_fixture_trains_and_is_scored_against_expert_boxes(tmp_path, tiny_co
     assert json.load(f)["num_boxed"] == m["num_boxed"]
   examples = ExampleMaps.load(os.path.join(workdir, "eval", "examples.npz"))
   assert examples.real.shape[1:] == (32, 32) and examples.twin is None
+
+  # Two processes (real jax.distributed over localhost) score the same test set: each keeps its
+  # own boxed images' maps, and the box-swap margin is computed over all of them.
+  assert m["num_boxed"] >= 2
+  os.remove(os.path.join(workdir, "metrics.json"))
+  procs = _launch("evaluate", workdir, *[f"--config.{o}" for o in overrides], devices=1, num=2)
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    two = json.load(f)
+  assert two["num_boxed"] == m["num_boxed"] and two["confusion_original"] == m["confusion_original"]
+  for name in ("attention", "cam", "diff"):
+    np.testing.assert_allclose(two[f"{name}_box_swap_margin"], m[f"{name}_box_swap_margin"],
+                               rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(two[f"{name}_box_swap_margin_ci"], m[f"{name}_box_swap_margin_ci"],
+                               rtol=1e-5, atol=1e-6, err_msg=name)

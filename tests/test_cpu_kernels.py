@@ -34,7 +34,12 @@ def _value_and_grads(conv, x, w):
     (16, 16, 1, 1, (9, 13)), (16, 16, 2, 1, (12, 11)), (32, 32, 1, 1, (7, 9)),
     (8, 16, 4, 1, (14, 10)), (64, 16, 1, 1, (6, 5)), (16, 64, 1, 1, (5, 6)),
     (32, 32, 3, 1, (10, 10)), (8, 16, 1, 2, (17, 18)), (16, 32, 1, 2, (9, 11)),
-    (32, 64, 2, 2, (12, 13))])
+    (32, 64, 2, 2, (12, 13)),
+    # The wide kernel (channels at run time): partial 6-pixel tiles, several 64-channel output
+    # chunks, two 128-channel input blocks, kernel-gradient tails of 2 and 4 input channels
+    # (128, 160), dilation, stride 2; the input gradient of 128 -> 64 is a wide 64 -> 128 conv.
+    (16, 128, 1, 1, (7, 9)), (128, 64, 1, 1, (5, 13)), (96, 192, 2, 1, (6, 7)),
+    (160, 64, 1, 2, (9, 8))])
 def test_kernel_equals_xla_forward_and_gradients(cin, cout, d, s, hw):
   x = jax.random.normal(jax.random.key(0), (3, hw[0] + 2 * d, hw[1] + 2 * d, cin))
   w = 0.1 * jax.random.normal(jax.random.key(1), (3, 3, cin, cout))
@@ -64,6 +69,11 @@ def test_conv_general_dilated_takes_the_kernel_only_where_it_applies():
   assert not _uses_kernel(lambda x, w: conv(x, w, rhs_dilation=(1, 2)), x16, w16)
   assert not _uses_kernel(conv, jnp.ones((2, 10, 10, 3)), jnp.ones((3, 3, 3, 16)))  # 3 channels
   assert not _uses_kernel(conv, x16, jnp.ones((3, 3, 16, 8)))                   # 8 outputs
+  x128 = jnp.ones((1, 8, 8, 128))
+  assert _uses_kernel(conv, x128, jnp.ones((3, 3, 128, 64)))                    # wide
+  assert _uses_kernel(conv, x16, jnp.ones((3, 3, 16, 128)))
+  assert not _uses_kernel(conv, x128, jnp.ones((3, 3, 128, 48)))                # not 64k outputs
+  assert not _uses_kernel(conv, jnp.ones((1, 8, 8, 72)), jnp.ones((3, 3, 72, 64)))  # not 16k in
   assert not _uses_kernel(conv, x16.astype(jnp.bfloat16), w16.astype(jnp.bfloat16))
   assert not _uses_kernel(conv, jnp.ones((2, 10, 10, 16)), jnp.ones((5, 5, 16, 16)))
 
@@ -79,6 +89,11 @@ def test_networks_with_rewrites_use_the_kernels():
       assert _uses_kernel(jax.grad(lambda p: jnp.sum(net.apply(p, x))), params, target=target)
     # Every forward conv is ours, the stride-2 ones included.
     assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda p: net.apply(p, x))(params))
+  # The paper's generator at a quarter width: 32 -> 64 -> 128 channels, the sub-pixel convs to 256
+  # and 128: the wide kernel takes every 3x3 the compiled widths do not.
+  net = M.ResnetGenerator(width=32, num_res=1, rewrite=True)
+  params = net.init(jax.random.key(3), x)
+  assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda p: net.apply(p, x))(params))
 
 
 # The wide side: every compiled count; odd widths (partial register tiles); 1 -> F and F -> 1.
@@ -198,11 +213,12 @@ def test_pad_kernel_only_where_it_applies():
 
 # Calls of 2^25 multiply-adds or more are split over XLA's thread pool (ParallelFor); the tests
 # above stay below that. One of each kind above it, forward and both gradients.
-@pytest.mark.parametrize("kind", ["conv3x3", "thin_in", "thin_out"])
+@pytest.mark.parametrize("kind", ["conv3x3", "wide", "thin_in", "thin_out"])
 def test_calls_split_over_threads_equal_xla(kind):
-  if kind == "conv3x3":
-    x = jax.random.normal(jax.random.key(12), (4, 34, 34, 64))
-    w = 0.05 * jax.random.normal(jax.random.key(13), (3, 3, 64, 64))  # 151M multiply-adds
+  if kind in ("conv3x3", "wide"):
+    b, c = (4, 64) if kind == "conv3x3" else (1, 128)
+    x = jax.random.normal(jax.random.key(12), (b, 34, 34, c))
+    w = 0.05 * jax.random.normal(jax.random.key(13), (3, 3, c, c))  # 151M multiply-adds
     conv = lambda x, w: D.conv3x3(x, w, 1)
   else:
     c, f = (1, 64) if kind == "thin_in" else (64, 1)

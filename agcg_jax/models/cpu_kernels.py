@@ -52,6 +52,9 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # The channel counts cpu_kernels.cc compiles in (AGCG_FOR_CHANNELS, AGCG_FOR_NORM_CHANNELS).
 CHANNELS_IN = (8, 16, 32, 64)
 CHANNELS_OUT = (16, 32, 64)
+# Any other 3x3 conv of a multiple of WIDE_IN input and of WIDE_OUT output channels runs on the wide
+# kernel (cpu_kernels.cc's Wide): the paper networks' 64-512 channel layers.
+WIDE_IN, WIDE_OUT = 16, 64
 NORM_CHANNELS = (8, 16, 32, 64)
 # The thin convs' kernel size and the channel count of their wide side (AGCG_FOR_THIN).
 THIN_KERNEL = 7
@@ -199,11 +202,17 @@ def _on_cpu(*dtypes) -> bool:
   return all(jnp.dtype(t) == jnp.float32 for t in dtypes) and available()
 
 
+def wide(c: int, k: int) -> bool:
+  """Whether a 3x3 conv of c -> k channels runs on the wide kernel (channel counts at run time)."""
+  return not (c in CHANNELS_IN and k in CHANNELS_OUT) and c % WIDE_IN == 0 and k % WIDE_OUT == 0
+
+
 def supported(w_shape, *dtypes) -> bool:
   """Whether a VALID stride-1 or -2 conv with this HWIO kernel (and operands of `dtypes`) runs on
-  the direct kernel here: float32, the channel counts compiled in, the CPU backend, a built
-  library."""
-  return (tuple(w_shape[:2]) == (3, 3) and w_shape[2] in CHANNELS_IN and w_shape[3] in CHANNELS_OUT
+  the direct kernel here: float32, the channel counts compiled in or wide ones, the CPU backend, a
+  built library."""
+  c, k = w_shape[2], w_shape[3]
+  return (tuple(w_shape[:2]) == (3, 3) and ((c in CHANNELS_IN and k in CHANNELS_OUT) or wide(c, k))
           and _on_cpu(*dtypes))
 
 

@@ -318,7 +318,8 @@ void WideKernelGradUnit(const float* __restrict x, const float* __restrict g, fl
       }
     }
   for (int q = 0; q < CB; ++q)
-    for (int k = 0; k < KB; ++k) Store(dw + ((i * 3 + j) * C + c0 + q) * K + k0 + 16 * k, acc[q][k]);
+    for (int k = 0; k < KB; ++k)
+      Store(dw + ((i * 3 + j) * C + c0 + q) * K + k0 + 16 * k, acc[q][k]);
 }
 
 // Items are (output chunk, tap, block of 6 input channels; the last block holds C % 6 (0, 2 or 4)
@@ -334,11 +335,9 @@ void WideKernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float
     for (int64_t u = lo; u < hi; ++u) {
       const int64_t k0 = u / (9 * blocks) * KC, c0 = u % blocks * 6;
       const int t = int(u / blocks % 9), i = t / 3, j = t % 3;
-      switch (std::min<int64_t>(6, C - c0)) {
-        case 6: WideKernelGradUnit<6, S>(x, g, dw, batch, hp, wp, h, wo, C, K, d, i, j, c0, k0); break;
-        case 4: WideKernelGradUnit<4, S>(x, g, dw, batch, hp, wp, h, wo, C, K, d, i, j, c0, k0); break;
-        default: WideKernelGradUnit<2, S>(x, g, dw, batch, hp, wp, h, wo, C, K, d, i, j, c0, k0);
-      }
+      const auto unit = C - c0 >= 6 ? WideKernelGradUnit<6, S>
+                        : C - c0 == 4 ? WideKernelGradUnit<4, S> : WideKernelGradUnit<2, S>;
+      unit(x, g, dw, batch, hp, wp, h, wo, C, K, d, i, j, c0, k0);
     }
   });
 }

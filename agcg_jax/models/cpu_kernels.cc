@@ -1004,6 +1004,8 @@ void NormBackward(const float* x, const float* scale, const float* mean, const f
     case 16: FN<16>(__VA_ARGS__); break;                                                   \
     case 32: FN<32>(__VA_ARGS__); break;                                                   \
     case 64: FN<64>(__VA_ARGS__); break;                                                   \
+    case 128: FN<128>(__VA_ARGS__); break;                                                 \
+    case 256: FN<256>(__VA_ARGS__); break;                                                 \
     default: return ffi::Error::InvalidArgument("agcg instance norm: channels not compiled in"); \
   }
 

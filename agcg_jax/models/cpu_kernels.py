@@ -55,7 +55,7 @@ CHANNELS_OUT = (16, 32, 64)
 # Any other 3x3 conv of a multiple of WIDE_IN input and of WIDE_OUT output channels runs on the wide
 # kernel (cpu_kernels.cc's Wide): the paper networks' 64-512 channel layers.
 WIDE_IN, WIDE_OUT = 16, 64
-NORM_CHANNELS = (8, 16, 32, 64)
+NORM_CHANNELS = (8, 16, 32, 64, 128, 256)
 # The thin convs' kernel size and the channel count of their wide side (AGCG_FOR_THIN).
 THIN_KERNEL = 7
 THIN_CHANNELS = (8, 16, 32, 64)

@@ -172,8 +172,9 @@ def test_prebuild_hands_its_result_or_its_error_to_load(monkeypatch):
     job.result()
 
 
-@pytest.mark.parametrize("c, hw", [(8, (9, 13)), (16, (16, 16)), (32, (5, 7)), (64, (4, 3)), (128, (5, 3)),
-                                   (256, (3, 4)), (3, (6, 6))])  # 3 channels: not compiled in, the same formula
+@pytest.mark.parametrize("c, hw", [(8, (9, 13)), (16, (16, 16)), (32, (5, 7)), (64, (4, 3)),
+                                   (128, (5, 3)), (256, (3, 4)),
+                                   (3, (6, 6))])  # 3 channels: not compiled in, the same formula
 def test_instance_norm_equals_flax_forward_and_gradients(c, hw):
   x = 2.0 + 3.0 * jax.random.normal(jax.random.key(4), (3, *hw, c))  # an offset, as after a conv
   ref, ours = nn.InstanceNorm(epsilon=1e-5), InstanceNorm(epsilon=1e-5)

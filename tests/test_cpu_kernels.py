@@ -212,6 +212,18 @@ def test_pad_kernel_only_where_it_applies():
   assert not D.pad_supported((9, 9, 8), 1, jnp.float32)
 
 
+def test_winograd_over_several_tile_chunks():
+  # 5 x 256 tiles of 256 channels: more than one chunk of transformed tiles (cpu_kernels.cc's
+  # kWinogradFloats) in the forward and the kernel gradient; the partial sums carry over.
+  x = jax.random.normal(jax.random.key(14), (5, 34, 34, 256))
+  w = 0.05 * jax.random.normal(jax.random.key(15), (3, 3, 256, 64))
+  conv = lambda x, w: D.conv3x3(x, w, 1)
+  np.testing.assert_allclose(jax.jit(conv)(x, w), _lax(1)(x, w), rtol=1e-4, atol=1e-4)
+  (_, (dx1, dw1)), (_, (dx2, dw2)) = _value_and_grads(_lax(1), x, w), _value_and_grads(conv, x, w)
+  for a, b in ((dx1, dx2), (dw1, dw2)):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(a)))
+
+
 # Calls of 2^25 multiply-adds or more are split over XLA's thread pool (ParallelFor); the tests
 # above stay below that. One of each kind above it, forward and both gradients.
 @pytest.mark.parametrize("kind", ["conv3x3", "wide", "thin_in", "thin_out"])

@@ -343,13 +343,17 @@ void WideKernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float
 }
 
 // ---- Winograd F(2x2, 3x3) for the wide stride-1, undilated 3x3 convs ----
-// Each 2x2 block of outputs ("tile") comes from a 4x4 input window d: y = A^T [(G w G^T) . (B^T d B)] A.
+// Each 2x2 block of outputs ("tile") comes from a 4x4 input window d:
+//   y = A^T [(G w G^T) . (B^T d B)] A.
 // The 16 elementwise products summed over input channels are 16 matrix products
 //   M[t][n][k] = sum_c V[t][n][c] U[t][c][k],  V = B^T d B per tile n, U = G w G^T,
 // 16 C K multiply-adds per 4 outputs instead of 36 C K (2.25x fewer). The transforms are adds (and
 // halves for U); fp32 rounding stays at the direct sum's (tests/test_cpu_kernels.py: 1e-5 of the
 // largest value). The products run on the wide kernel's register tile (6 tiles x 64 outputs); each
-// tile group's 16 results go through a small buffer into the output transform.
+// tile group's 16 results go through a small buffer into the output transform. Tiles are taken in
+// chunks whose transformed inputs fit kWinogradFloats, so a large batch needs no large buffer.
+constexpr int64_t kWinogradFloats = int64_t{1} << 22;  // 16 MB of transformed tiles per chunk
+
 struct WinogradScratch {  // per calling thread, grown to the largest call and reused
   std::unique_ptr<float[]> data;
   int64_t size = 0;
@@ -357,6 +361,17 @@ struct WinogradScratch {  // per calling thread, grown to the largest call and r
     if (n > size) data.reset(new float[n]), size = n;
     return data.get();
   }
+};
+
+// The tiles of a VALID 3x3 conv: input hp x wp, output ho x wo, th x tw tiles per image. Tile n
+// (over the batch) has its top-left output at (r0, x0) of image b.
+struct WinogradTiles {
+  int64_t hp, wp, ho, wo, th, tw;
+  WinogradTiles(int64_t hp_, int64_t wp_)
+      : hp(hp_), wp(wp_), ho(hp_ - 2), wo(wp_ - 2), th((hp_ - 1) / 2), tw((wp_ - 1) / 2) {}
+  int64_t Image(int64_t n) const { return n / (th * tw); }
+  int64_t Row(int64_t n) const { return n / tw % th * 2; }
+  int64_t Col(int64_t n) const { return n % tw * 2; }
 };
 
 // U[t][c][k] = (G w[:, :, c, k] G^T)[t], G = [[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]].
@@ -386,17 +401,18 @@ inline void InputTransform4(v16* r) {
   r[0] = a, r[1] = b, r[2] = c, r[3] = d;
 }
 
-// V[t][n][c] for the tiles n in [lo, hi); windows past the input's edge read zeros.
-void WinogradInputs(const float* x, float* v, int64_t hp, int64_t wp, int64_t th, int64_t tw,
-                    int64_t C, int64_t n_all, int64_t lo, int64_t hi) {
+// V[t][n - first][c] (t-stride `count` tiles) for the tiles n in [lo, hi); windows past the
+// input's edge read zeros.
+void WinogradInputs(const float* x, float* v, const WinogradTiles& tl, int64_t C, int64_t first,
+                    int64_t count, int64_t lo, int64_t hi) {
   for (int64_t n = lo; n < hi; ++n) {
-    const int64_t b = n / (th * tw), r0 = n / tw % th * 2, x0 = n % tw * 2;
+    const int64_t b = tl.Image(n), r0 = tl.Row(n), x0 = tl.Col(n);
     for (int64_t c = 0; c < C; c += 16) {
       v16 d[4][4];
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j)
-          d[i][j] = (r0 + i < hp && x0 + j < wp)
-                        ? Load(x + ((b * hp + r0 + i) * wp + x0 + j) * C + c) : v16{};
+          d[i][j] = (r0 + i < tl.hp && x0 + j < tl.wp)
+                        ? Load(x + ((b * tl.hp + r0 + i) * tl.wp + x0 + j) * C + c) : v16{};
       for (int j = 0; j < 4; ++j) {
         v16 col[4] = {d[0][j], d[1][j], d[2][j], d[3][j]};
         InputTransform4(col);
@@ -404,24 +420,25 @@ void WinogradInputs(const float* x, float* v, int64_t hp, int64_t wp, int64_t th
       }
       for (int i = 0; i < 4; ++i) {
         InputTransform4(d[i]);
-        for (int j = 0; j < 4; ++j) Store(v + ((i * 4 + j) * n_all + n) * C + c, d[i][j]);
+        for (int j = 0; j < 4; ++j)
+          Store(v + ((i * 4 + j) * count + n - first) * C + c, d[i][j]);
       }
     }
   }
 }
 
-// The products of tiles [n0, n0 + np) x outputs [k0, k0 + 64) for all 16 t, into m[t][p][64], then
-// A^T m A (A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]) into y where the outputs exist.
+// The products of the chunk's tiles [n0, n0 + np) x outputs [k0, k0 + 64) for all 16 t, into
+// m[t][p][64], then A^T m A (A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]) into y where the outputs exist.
 template <bool FULL>
 void WinogradGroup(const float* __restrict v, const float* __restrict u, float* __restrict m,
-                   float* __restrict y, int64_t C, int64_t K, int64_t n_all, int64_t n0, int np,
-                   int64_t k0, int64_t ho, int64_t wo, int64_t th, int64_t tw) {
+                   float* __restrict y, const WinogradTiles& tl, int64_t C, int64_t K,
+                   int64_t first, int64_t count, int64_t n0, int np, int64_t k0) {
   constexpr int PB = kWidePB, KB = kWideKB, KC = 16 * KB;
   for (int t = 0; t < 16; ++t) {
     v16 acc[PB][KB];
     for (int p = 0; p < PB; ++p)
       for (int q = 0; q < KB; ++q) acc[p][q] = v16{};
-    const float* vt = v + (t * n_all + n0) * C;
+    const float* vt = v + (t * count + n0) * C;
     const float* ut = u + t * C * K + k0;
 #pragma GCC unroll 4
     for (int64_t c = 0; c < C; ++c) {
@@ -438,7 +455,7 @@ void WinogradGroup(const float* __restrict v, const float* __restrict u, float* 
   }
   for (int p = 0; p < PB; ++p) {
     if (!FULL && p >= np) break;
-    const int64_t n = n0 + p, b = n / (th * tw), r0 = n / tw % th * 2, x0 = n % tw * 2;
+    const int64_t n = first + n0 + p, b = tl.Image(n), r0 = tl.Row(n), x0 = tl.Col(n);
     for (int q = 0; q < KB; ++q) {
       v16 e[2][4];
       for (int j = 0; j < 4; ++j) {
@@ -449,10 +466,10 @@ void WinogradGroup(const float* __restrict v, const float* __restrict u, float* 
         e[0][j] = a0 + a1 + a2;
         e[1][j] = a1 - a2 - a3;
       }
-      for (int i = 0; i < 2 && r0 + i < ho; ++i) {
-        float* out = y + ((b * ho + r0 + i) * wo + x0) * K + k0 + 16 * q;
+      for (int i = 0; i < 2 && r0 + i < tl.ho; ++i) {
+        float* out = y + ((b * tl.ho + r0 + i) * tl.wo + x0) * K + k0 + 16 * q;
         Store(out, e[i][0] + e[i][1] + e[i][2]);
-        if (x0 + 1 < wo) Store(out + K, e[i][1] - e[i][2] - e[i][3]);
+        if (x0 + 1 < tl.wo) Store(out + K, e[i][1] - e[i][2] - e[i][3]);
       }
     }
   }
@@ -461,44 +478,48 @@ void WinogradGroup(const float* __restrict v, const float* __restrict u, float* 
 void WinogradForward(ffi::ThreadPool& pool, const float* x, const float* w, float* y,
                      int64_t batch, int64_t hp, int64_t wp, int64_t C, int64_t K) {
   constexpr int PB = kWidePB, KC = 16 * kWideKB;
-  const int64_t ho = hp - 2, wo = wp - 2, th = (ho + 1) / 2, tw = (wo + 1) / 2;
-  const int64_t n_all = batch * th * tw, groups = (n_all + PB - 1) / PB;
+  const WinogradTiles tl(hp, wp);
+  const int64_t n_all = batch * tl.th * tl.tw;
+  const int64_t chunk = std::min(n_all, std::max<int64_t>(PB, kWinogradFloats / (16 * C)));
   static thread_local WinogradScratch scratch;
-  float* u = scratch.Get(16 * C * K + 16 * n_all * C);
+  float* u = scratch.Get(16 * C * K + 16 * chunk * C);
   float* v = u + 16 * C * K;
   WinogradWeights(w, u, C, K);
-  ParallelFor(pool, n_all, 16 * 16 * C, [&](int64_t lo, int64_t hi) {
-    WinogradInputs(x, v, hp, wp, th, tw, C, n_all, lo, hi);
-  });
-  ParallelFor(pool, K / KC * groups, 16 * PB * C * KC, [&](int64_t lo, int64_t hi) {
-    alignas(64) float m[16 * PB * KC];
-    for (int64_t g = lo; g < hi; ++g) {
-      const int64_t k0 = g / groups * KC, n0 = g % groups * PB;
-      if (n0 + PB <= n_all)
-        WinogradGroup<true>(v, u, m, y, C, K, n_all, n0, PB, k0, ho, wo, th, tw);
-      else
-        WinogradGroup<false>(v, u, m, y, C, K, n_all, n0, int(n_all - n0), k0, ho, wo, th, tw);
-    }
-  });
+  for (int64_t first = 0; first < n_all; first += chunk) {
+    const int64_t count = std::min(chunk, n_all - first), groups = (count + PB - 1) / PB;
+    ParallelFor(pool, count, 16 * 16 * C, [&](int64_t lo, int64_t hi) {
+      WinogradInputs(x, v, tl, C, first, count, first + lo, first + hi);
+    });
+    ParallelFor(pool, K / KC * groups, 16 * PB * C * KC, [&](int64_t lo, int64_t hi) {
+      alignas(64) float m[16 * PB * KC];
+      for (int64_t g = lo; g < hi; ++g) {
+        const int64_t k0 = g / groups * KC, n0 = g % groups * PB;
+        if (n0 + PB <= count)
+          WinogradGroup<true>(v, u, m, y, tl, C, K, first, count, n0, PB, k0);
+        else
+          WinogradGroup<false>(v, u, m, y, tl, C, K, first, count, n0, int(count - n0), k0);
+      }
+    });
+  }
 }
 
 // The kernel gradient the same way, F(3x3, 2x2): each 2x2 tile of the output gradient g and the
-// 4x4 input window it reads give a 3x3 contribution dw += A'^T [(G' g G'^T) . (B^T d B)] A' with the
-// forward's B^T, G' = [[1, 0], [.5, .5], [.5, -.5], [0, 1]], A'^T = [[1, 1, 1, 0], [0, 1, -1, 0],
-// [0, 1, 1, -1]]; the 16 products are summed over tiles first, P[t][c][k] = sum_n V[t][n][c]
-// H[t][n][k], and transformed once.
+// 4x4 input window it reads give a 3x3 contribution dw += A'^T [(G' g G'^T) . (B^T d B)] A' with
+// the forward's B^T, G' = [[1, 0], [.5, .5], [.5, -.5], [0, 1]],
+// A'^T = [[1, 1, 1, 0], [0, 1, -1, 0], [0, 1, 1, -1]]; the 16 products are summed over tiles
+// first, P[t][c][k] = sum_n V[t][n][c] H[t][n][k], and transformed once.
 
-// H[t][n][k] = G' g_n G'^T for the tiles n in [lo, hi); rows and columns past g's edge are zeros.
-void WinogradGradTiles(const float* g, float* hbuf, int64_t ho, int64_t wo, int64_t th,
-                       int64_t tw, int64_t K, int64_t n_all, int64_t lo, int64_t hi) {
+// H[t][n - first][k] = G' g_n G'^T for the tiles n in [lo, hi); outputs past g's edge are zeros.
+void WinogradGradTiles(const float* g, float* hbuf, const WinogradTiles& tl, int64_t K,
+                       int64_t first, int64_t count, int64_t lo, int64_t hi) {
   for (int64_t n = lo; n < hi; ++n) {
-    const int64_t b = n / (th * tw), r0 = n / tw % th * 2, x0 = n % tw * 2;
+    const int64_t b = tl.Image(n), r0 = tl.Row(n), x0 = tl.Col(n);
     for (int64_t k = 0; k < K; k += 16) {
       v16 e[2][2];
       for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 2; ++j)
-          e[i][j] = (r0 + i < ho && x0 + j < wo)
-                        ? Load(g + ((b * ho + r0 + i) * wo + x0 + j) * K + k) : v16{};
+          e[i][j] = (r0 + i < tl.ho && x0 + j < tl.wo)
+                        ? Load(g + ((b * tl.ho + r0 + i) * tl.wo + x0 + j) * K + k) : v16{};
       const v16 col[2][4] = {{e[0][0], 0.5f * (e[0][0] + e[1][0]), 0.5f * (e[0][0] - e[1][0]),
                               e[1][0]},
                              {e[0][1], 0.5f * (e[0][1] + e[1][1]), 0.5f * (e[0][1] - e[1][1]),
@@ -506,25 +527,26 @@ void WinogradGradTiles(const float* g, float* hbuf, int64_t ho, int64_t wo, int6
       for (int i = 0; i < 4; ++i) {
         const v16 a = col[0][i], c = col[1][i];
         const v16 r[4] = {a, 0.5f * (a + c), 0.5f * (a - c), c};
-        for (int j = 0; j < 4; ++j) Store(hbuf + ((i * 4 + j) * n_all + n) * K + k, r[j]);
+        for (int j = 0; j < 4; ++j) Store(hbuf + ((i * 4 + j) * count + n - first) * K + k, r[j]);
       }
     }
   }
 }
 
-// P[t][c0 .. c0 + CB][k0 .. k0 + 64] = sum_n V[t][n][c] H[t][n][k].
+// P[t][c0 .. c0 + CB][k0 .. k0 + 64] (+)= sum over the chunk's tiles n of V[t][n][c] H[t][n][k].
 template <int CB>
 void WinogradGradProduct(const float* __restrict v, const float* __restrict hbuf,
-                         float* __restrict p, int64_t C, int64_t K, int64_t n_all, int t,
-                         int64_t c0, int64_t k0) {
+                         float* __restrict p, int64_t C, int64_t K, int64_t count, int t,
+                         int64_t c0, int64_t k0, bool add) {
   constexpr int KB = kWideKB;
   v16 acc[CB][KB];
+  float* pt = p + (t * C + c0) * K + k0;
   for (int q = 0; q < CB; ++q)
-    for (int k = 0; k < KB; ++k) acc[q][k] = v16{};
-  const float* vt = v + t * n_all * C + c0;
-  const float* ht = hbuf + t * n_all * K + k0;
+    for (int k = 0; k < KB; ++k) acc[q][k] = add ? Load(pt + q * K + 16 * k) : v16{};
+  const float* vt = v + t * count * C + c0;
+  const float* ht = hbuf + t * count * K + k0;
 #pragma GCC unroll 2
-  for (int64_t n = 0; n < n_all; ++n) {
+  for (int64_t n = 0; n < count; ++n) {
     v16 hv[KB];
     for (int k = 0; k < KB; ++k) hv[k] = Load(ht + n * K + 16 * k);
     for (int q = 0; q < CB; ++q) {
@@ -533,31 +555,36 @@ void WinogradGradProduct(const float* __restrict v, const float* __restrict hbuf
     }
   }
   for (int q = 0; q < CB; ++q)
-    for (int k = 0; k < KB; ++k) Store(p + (t * C + c0 + q) * K + k0 + 16 * k, acc[q][k]);
+    for (int k = 0; k < KB; ++k) Store(pt + q * K + 16 * k, acc[q][k]);
 }
 
 void WinogradKernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw,
                         int64_t batch, int64_t hp, int64_t wp, int64_t C, int64_t K) {
   constexpr int KC = 16 * kWideKB;
-  const int64_t ho = hp - 2, wo = wp - 2, th = (ho + 1) / 2, tw = (wo + 1) / 2;
-  const int64_t n_all = batch * th * tw, blocks = (C + 5) / 6;
+  const WinogradTiles tl(hp, wp);
+  const int64_t n_all = batch * tl.th * tl.tw, blocks = (C + 5) / 6;
+  const int64_t chunk =
+      std::min(n_all, std::max<int64_t>(kWidePB, kWinogradFloats / (16 * (C + K))));
   static thread_local WinogradScratch scratch;
-  float* v = scratch.Get(16 * n_all * (C + K) + 16 * C * K);
-  float* hbuf = v + 16 * n_all * C;
-  float* p = hbuf + 16 * n_all * K;
-  ParallelFor(pool, n_all, 16 * 16 * (C + K), [&](int64_t lo, int64_t hi) {
-    WinogradInputs(x, v, hp, wp, th, tw, C, n_all, lo, hi);
-    WinogradGradTiles(g, hbuf, ho, wo, th, tw, K, n_all, lo, hi);
-  });
-  ParallelFor(pool, K / KC * 16 * blocks, n_all * 6 * KC, [&](int64_t lo, int64_t hi) {
-    for (int64_t u = lo; u < hi; ++u) {
-      const int64_t k0 = u / (16 * blocks) * KC, c0 = u % blocks * 6;
-      const int t = int(u / blocks % 16);
-      const auto product = C - c0 >= 6 ? WinogradGradProduct<6>
-                           : C - c0 == 4 ? WinogradGradProduct<4> : WinogradGradProduct<2>;
-      product(v, hbuf, p, C, K, n_all, t, c0, k0);
-    }
-  });
+  float* v = scratch.Get(16 * chunk * (C + K) + 16 * C * K);
+  float* hbuf = v + 16 * chunk * C;
+  float* p = hbuf + 16 * chunk * K;
+  for (int64_t first = 0; first < n_all; first += chunk) {
+    const int64_t count = std::min(chunk, n_all - first);
+    ParallelFor(pool, count, 16 * 16 * (C + K), [&](int64_t lo, int64_t hi) {
+      WinogradInputs(x, v, tl, C, first, count, first + lo, first + hi);
+      WinogradGradTiles(g, hbuf, tl, K, first, count, first + lo, first + hi);
+    });
+    ParallelFor(pool, K / KC * 16 * blocks, count * 6 * KC, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) {
+        const int64_t k0 = u / (16 * blocks) * KC, c0 = u % blocks * 6;
+        const int t = int(u / blocks % 16);
+        const auto product = C - c0 >= 6 ? WinogradGradProduct<6>
+                             : C - c0 == 4 ? WinogradGradProduct<4> : WinogradGradProduct<2>;
+        product(v, hbuf, p, C, K, count, t, c0, k0, first > 0);
+      }
+    });
+  }
   // dw[i][j] = (A'^T P A')[i][j] per input channel and 16 output channels.
   ParallelFor(pool, C, 16 * K, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c)

@@ -181,19 +181,19 @@ void Forward(ffi::ThreadPool& pool, const float* x, const float* w, float* y, in
   }
 }
 
-// One tap (i, j), CB input channels from c0 x KB blocks of 16 output channels, in registers.
-template <int C, int KB, int CB, int S>
-void KernelGradTap(const float* __restrict x, const float* __restrict g, float* __restrict dw,
-                   int64_t batch, int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t d, int i,
-                   int j, int c0) {
-  constexpr int K = 16 * KB;
+// dw of one tap (i, j), input channels [c0, c0 + CB) x output channels [k0, k0 + 16 KB) of K, in
+// registers: a sum over every output pixel.
+template <int KB, int CB, int S>
+void KernelGradUnit(const float* __restrict x, const float* __restrict g, float* __restrict dw,
+                    int64_t batch, int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t C,
+                    int64_t K, int64_t d, int i, int j, int64_t c0, int64_t k0) {
   v16 acc[CB][KB];
   for (int q = 0; q < CB; ++q)
     for (int k = 0; k < KB; ++k) acc[q][k] = v16{};
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t r = 0; r < h; ++r) {
       const float* in = x + ((b * hp + S * r + i * d) * wp + j * d) * C + c0;
-      const float* gr = g + (b * h + r) * wo * K;
+      const float* gr = g + (b * h + r) * wo * K + k0;
       for (int64_t col = 0; col < wo; ++col) {
         v16 gv[KB];
         for (int k = 0; k < KB; ++k) gv[k] = Load(gr + col * K + 16 * k);
@@ -204,7 +204,8 @@ void KernelGradTap(const float* __restrict x, const float* __restrict g, float* 
       }
     }
   for (int q = 0; q < CB; ++q)
-    for (int k = 0; k < KB; ++k) Store(dw + ((i * 3 + j) * C + c0 + q) * K + 16 * k, acc[q][k]);
+    for (int k = 0; k < KB; ++k)
+      Store(dw + ((i * 3 + j) * C + c0 + q) * K + k0 + 16 * k, acc[q][k]);
 }
 
 template <int C, int KB>
@@ -215,10 +216,8 @@ void KernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw
   ParallelFor(pool, 9 * NC, batch * h * wo * CB * 16 * KB, [&](int64_t lo, int64_t hi) {
     for (int64_t u = lo; u < hi; ++u) {
       const int i = u / NC / 3, j = u / NC % 3, c0 = (u % NC) * CB;
-      if (s == 1)
-        KernelGradTap<C, KB, CB, 1>(x, g, dw, batch, hp, wp, h, wo, d, i, j, c0);
-      else
-        KernelGradTap<C, KB, CB, 2>(x, g, dw, batch, hp, wp, h, wo, d, i, j, c0);
+      (s == 1 ? KernelGradUnit<KB, CB, 1> : KernelGradUnit<KB, CB, 2>)(
+          x, g, dw, batch, hp, wp, h, wo, C, 16 * KB, d, i, j, c0, 0);
     }
   });
 }
@@ -294,34 +293,6 @@ void WideForward(ffi::ThreadPool& pool, const float* x, const float* w, float* y
   });
 }
 
-// dw of one tap (i, j), input channels [c0, c0 + CB) x output channels [k0, k0 + 64): a sum over
-// every output pixel.
-template <int CB, int S>
-void WideKernelGradUnit(const float* __restrict x, const float* __restrict g, float* __restrict dw,
-                        int64_t batch, int64_t hp, int64_t wp, int64_t h, int64_t wo, int64_t C,
-                        int64_t K, int64_t d, int i, int j, int64_t c0, int64_t k0) {
-  constexpr int KB = kWideKB;
-  v16 acc[CB][KB];
-  for (int q = 0; q < CB; ++q)
-    for (int k = 0; k < KB; ++k) acc[q][k] = v16{};
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t r = 0; r < h; ++r) {
-      const float* in = x + ((b * hp + S * r + i * d) * wp + j * d) * C + c0;
-      const float* gr = g + (b * h + r) * wo * K + k0;
-      for (int64_t col = 0; col < wo; ++col) {
-        v16 gv[KB];
-        for (int k = 0; k < KB; ++k) gv[k] = Load(gr + col * K + 16 * k);
-        for (int q = 0; q < CB; ++q) {
-          const v16 v = Splat(in[col * S * C + q]);
-          for (int k = 0; k < KB; ++k) acc[q][k] += v * gv[k];
-        }
-      }
-    }
-  for (int q = 0; q < CB; ++q)
-    for (int k = 0; k < KB; ++k)
-      Store(dw + ((i * 3 + j) * C + c0 + q) * K + k0 + 16 * k, acc[q][k]);
-}
-
 // Items are (output chunk, tap, block of 6 input channels; the last block holds C % 6 (0, 2 or 4)
 // when C is not a multiple of 6): chunk-major, so a thread's run shares the chunk's output
 // gradient (in L2).
@@ -335,8 +306,9 @@ void WideKernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float
     for (int64_t u = lo; u < hi; ++u) {
       const int64_t k0 = u / (9 * blocks) * KC, c0 = u % blocks * 6;
       const int t = int(u / blocks % 9), i = t / 3, j = t % 3;
-      const auto unit = C - c0 >= 6 ? WideKernelGradUnit<6, S>
-                        : C - c0 == 4 ? WideKernelGradUnit<4, S> : WideKernelGradUnit<2, S>;
+      const auto unit = C - c0 >= 6   ? KernelGradUnit<kWideKB, 6, S>
+                        : C - c0 == 4 ? KernelGradUnit<kWideKB, 4, S>
+                                      : KernelGradUnit<kWideKB, 2, S>;
       unit(x, g, dw, batch, hp, wp, h, wo, C, K, d, i, j, c0, k0);
     }
   });

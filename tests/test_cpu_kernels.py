@@ -224,6 +224,16 @@ def test_winograd_over_several_tile_chunks():
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(a)))
 
 
+def test_an_empty_batch_has_a_zero_kernel_gradient():
+  # Winograd's kernel gradient keeps its buffers per thread: after a full call, what an empty one
+  # left unwritten would still hold that call's sums (repeated: the calls may run on any thread).
+  w = jnp.ones((3, 3, 128, 64))
+  dw = jax.jit(lambda x: jax.grad(lambda w: jnp.sum(D.conv3x3(x, w, 1)))(w))
+  assert float(jnp.abs(dw(jnp.ones((1, 10, 10, 128)))).min()) > 0
+  for _ in range(4):
+    assert float(jnp.abs(dw(jnp.ones((0, 10, 10, 128)))).max()) == 0.0
+
+
 # Calls of 2^25 multiply-adds or more are split over XLA's thread pool (ParallelFor); the tests
 # above stay below that. One of each kind above it, forward and both gradients.
 @pytest.mark.parametrize("kind", ["conv3x3", "wide", "thin_in", "thin_out"])

@@ -535,6 +535,10 @@ void WinogradKernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, f
   constexpr int KC = 16 * kWideKB;
   const WinogradTiles tl(hp, wp);
   const int64_t n_all = batch * tl.th * tl.tw, blocks = (C + 5) / 6;
+  if (n_all == 0) {  // an empty batch: no tiles to sum
+    std::memset(dw, 0, 9 * C * K * sizeof(float));
+    return;
+  }
   const int64_t chunk =
       std::min(n_all, std::max<int64_t>(kWidePB, kWinogradFloats / (16 * (C + K))));
   static thread_local WinogradScratch scratch;

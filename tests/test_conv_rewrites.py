@@ -78,6 +78,9 @@ def test_upsample2x_conv_equals_resize_then_conv(padding):
     lambda rewrite: M.AttentionNet(width=8, dilations=(1, 2), rewrite=rewrite),  # direct kernel
     lambda rewrite: M.ResnetGenerator(width=4, num_res=1, rewrite=rewrite),
     lambda rewrite: M.ResnetGenerator(width=8, num_res=1, rewrite=rewrite),  # thin, stride-2 kernels
+    # 64 -> 128 stride 2, 128-channel residual block and norms, sub-pixel 128 -> 256 and 64 -> 128:
+    # the wide kernel (direct and Winograd)
+    lambda rewrite: M.ResnetGenerator(width=32, num_res=1, rewrite=rewrite),
 ])
 def test_networks_with_rewrites_are_the_same_function_of_the_same_parameters(make):
   x = jax.random.uniform(jax.random.key(6), (2, 16, 16, 1), minval=-1.0, maxval=1.0)

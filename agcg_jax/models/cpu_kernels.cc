@@ -24,9 +24,60 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+typedef float v16 __attribute__((vector_size(64)));  // one AVX-512 register
+#else
+// Without 512-bit registers GCC keeps arrays of 64-byte vectors in memory and the kernels ran 20-30x
+// slower than with AVX-512 (an AVX2 build on this Zen 4 machine: 1.5-4 GMAC/s, 2026-11-29). Here a
+// 16-float vector is two (AVX) or four (SSE, NEON) of the machine's own.
+#if defined(__AVX__)
+constexpr int kLaneBytes = 32;
+#else
+constexpr int kLaneBytes = 16;
+#endif
+typedef float vlane __attribute__((vector_size(kLaneBytes)));
+constexpr int kLanes = 64 / kLaneBytes;
+struct v16 {
+  vlane part[kLanes];
+};
+inline v16 operator+(v16 a, v16 b) {
+  for (int i = 0; i < kLanes; ++i) a.part[i] += b.part[i];
+  return a;
+}
+inline v16 operator-(v16 a, v16 b) {
+  for (int i = 0; i < kLanes; ++i) a.part[i] -= b.part[i];
+  return a;
+}
+inline v16 operator*(v16 a, v16 b) {
+  for (int i = 0; i < kLanes; ++i) a.part[i] *= b.part[i];
+  return a;
+}
+inline v16 operator*(float s, v16 a) {
+  for (int i = 0; i < kLanes; ++i) a.part[i] *= s;
+  return a;
+}
+inline v16& operator+=(v16& a, v16 b) {
+  for (int i = 0; i < kLanes; ++i) a.part[i] += b.part[i];
+  return a;
+}
+inline v16 operator+(v16 a, float s) {
+  for (int i = 0; i < kLanes; ++i) a.part[i] += s;
+  return a;
+}
+#endif
 
 inline v16 Splat(float a) { return v16{} + a; }
+
+// The register tiles are sized for 32 vector registers of 16 floats (AVX-512); with fewer or
+// narrower ones they spill. cpu_kernels.py asks which (AgcgVectorBits) and keeps the wide convs
+// (where XLA is faster then) off without AVX-512.
+#if defined(__AVX512F__)
+constexpr int kVectorBits = 512;
+#elif defined(__AVX__)
+constexpr int kVectorBits = 256;
+#else
+constexpr int kVectorBits = 128;
+#endif
 inline v16 Load(const float* p) {
   v16 v;
   std::memcpy(&v, p, sizeof(v));
@@ -1100,3 +1151,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AgcgInstanceNormBackward, NormBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+extern "C" int AgcgVectorBits() { return kVectorBits; }

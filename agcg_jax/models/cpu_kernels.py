@@ -77,6 +77,7 @@ _TARGETS = {"agcg_conv3x3_forward": "AgcgConv3x3Forward",
             "agcg_instance_norm_backward": "AgcgInstanceNormBackward"}
 _DIMS = ("NHWC", "HWIO", "NHWC")
 _libs = []  # loaded libraries stay referenced for the process's life
+_vector_bits = 0  # the loaded library's vector registers (AgcgVectorBits)
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,9 @@ def _load(builder) -> bool:
   except (RuntimeError, OSError) as e:
     log.warning("CPU kernels unavailable, using XLA's convolutions and flax's instance norm: %s", e)
     return False
+  global _vector_bits
   _libs.append(lib)
+  _vector_bits = int(lib.AgcgVectorBits())
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   return True
@@ -208,9 +211,18 @@ def _on_cpu(*dtypes) -> bool:
   return all(jnp.dtype(t) == jnp.float32 for t in dtypes) and available()
 
 
+def vector_bits() -> int:
+  """The kernels' vector registers here: 512 with AVX-512 (what their tiles are sized for), 256 with
+  AVX, else 128; 0 without the kernels."""
+  return _vector_bits if available() else 0
+
+
 def wide(c: int, k: int) -> bool:
-  """Whether a 3x3 conv of c -> k channels runs on the wide kernel (channel counts at run time)."""
-  return not (c in CHANNELS_IN and k in CHANNELS_OUT) and c % WIDE_IN == 0 and k % WIDE_OUT == 0
+  """Whether a 3x3 conv of c -> k channels runs on the wide kernel (channel counts at run time).
+  Only with AVX-512: its 6 x 64 register tile spills with 16 registers of 8 floats, where XLA's convs
+  are faster (an AVX2 build: paper step 9.4 s against XLA's 6.0, docs/benchmarks.md)."""
+  return (not (c in CHANNELS_IN and k in CHANNELS_OUT) and c % WIDE_IN == 0 and k % WIDE_OUT == 0
+          and vector_bits() >= 512)
 
 
 def supported(w_shape, *dtypes) -> bool:

@@ -33,6 +33,10 @@ jax and the CPU, and loaded with ctypes. Without a compiler, or if the build fai
 so in one warning and the layers stay XLA's / flax's (same results). `model.conv_rewrites` turns
 them on with the other rewrites (conv_rewrites.py; layers.InstanceNorm).
 
+The register tiles are sized for AVX-512 (32 registers of 16 floats). Elsewhere a 16-float vector
+is two or four of the machine's own registers and the wide convs stay XLA's (`vector_bits`): an
+AVX2 build was 6x slower than XLA before that (docs/benchmarks.md, "CPUs without AVX-512").
+
 Under a plain jit with the batch sharded over several devices XLA gathers the batch for a custom
 call (correct, not faster); the training step runs each device's shard in shard_map.
 """

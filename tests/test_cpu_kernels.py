@@ -220,15 +220,18 @@ def test_pad_kernel_only_where_it_applies():
 
 
 def test_winograd_over_several_tile_chunks():
-  # 5 x 256 tiles of 256 channels: more than one chunk of transformed tiles (cpu_kernels.cc's
-  # kWinogradFloats) in the forward and the kernel gradient; the partial sums carry over.
-  x = jax.random.normal(jax.random.key(14), (5, 34, 34, 256))
+  # 6 x 64 tiles of 4x4 outputs, 256 -> 64 channels: more than one chunk of transformed tiles
+  # (cpu_kernels.cc's kWinogradFloats: 364 tiles at 256 + 64 channels) in the forward, the input
+  # gradient (6 x 81 tiles) and the kernel gradient; the partial sums carry over. F(4x4)'s
+  # rounding is ~5e-6 of the largest value (XLA's ~1e-6; benchmarks/wide_convs.py), so the
+  # gradients get 3e-5 here: a wrong sign or a lost chunk is off by O(1).
+  x = jax.random.normal(jax.random.key(14), (6, 34, 34, 256))
   w = 0.05 * jax.random.normal(jax.random.key(15), (3, 3, 256, 64))
   conv = lambda x, w: D.conv3x3(x, w, 1)
   np.testing.assert_allclose(jax.jit(conv)(x, w), _lax(1)(x, w), rtol=1e-4, atol=1e-4)
   (_, (dx1, dw1)), (_, (dx2, dw2)) = _value_and_grads(_lax(1), x, w), _value_and_grads(conv, x, w)
   for a, b in ((dx1, dx2), (dw1, dw2)):
-    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(a)))
+    assert float(jnp.max(jnp.abs(a - b))) <= 3e-5 * float(jnp.max(jnp.abs(a)))
 
 
 def test_an_empty_batch_has_a_zero_kernel_gradient():

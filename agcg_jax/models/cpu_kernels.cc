@@ -16,7 +16,12 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <thread>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -66,7 +71,20 @@ inline v16 operator+(v16 a, float s) {
 }
 #endif
 
-inline v16 Splat(float a) { return v16{} + a; }
+// A vector of 16 copies of `a`, written so the compiler emits one broadcast (from memory where `a`
+// is loaded). `v16{} + a` cost a scalar add of zero before every broadcast (0 + a is not a for a
+// = -0, so it may not be dropped): 2 extra instructions per broadcast in the register tiles.
+#if defined(__AVX512F__)
+inline v16 Splat(float a) { return v16{a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
+#else
+inline v16 Splat(float a) {
+  vlane lane;
+  for (int i = 0; i < kLaneBytes / 4; ++i) lane[i] = a;
+  v16 r;
+  for (int i = 0; i < kLanes; ++i) r.part[i] = lane;
+  return r;
+}
+#endif
 
 // The register tiles are sized for 32 vector registers of 16 floats (AVX-512); with fewer or
 // narrower ones they spill. cpu_kernels.py asks which (AgcgVectorBits) and keeps the wide convs
@@ -84,6 +102,18 @@ inline v16 Load(const float* p) {
   return v;
 }
 inline void Store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+// A store past the caches, for buffers written once and read much later; p 64-byte aligned.
+inline void StoreStream(float* p, v16 v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+#elif defined(__AVX__)
+  for (int i = 0; i < kLanes; ++i) _mm256_stream_ps(p + 8 * i, reinterpret_cast<__m256>(v.part[i]));
+#elif defined(__SSE__)
+  for (int i = 0; i < kLanes; ++i) _mm_stream_ps(p + 4 * i, reinterpret_cast<__m128>(v.part[i]));
+#else
+  Store(p, v);
+#endif
+}
 
 // Below this many multiply-adds a call runs on the calling thread alone: at the demo's sizes XLA
 // already runs independent ops on the other cores, and splitting small calls made the step slower
@@ -365,193 +395,256 @@ void WideKernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float
   });
 }
 
-// ---- Winograd F(2x2, 3x3) for the wide stride-1, undilated 3x3 convs ----
-// Each 2x2 block of outputs ("tile") comes from a 4x4 input window d:
+// ---- Winograd F(4x4, 3x3) for the stride-1, undilated 3x3 convs of 16k -> 64k channels ----
+// Each m x m block of outputs ("tile", m = 4) comes from an n x n input window d, n = m + 2:
 //   y = A^T [(G w G^T) . (B^T d B)] A.
-// The 16 elementwise products summed over input channels are 16 matrix products
-//   M[t][n][k] = sum_c V[t][n][c] U[t][c][k],  V = B^T d B per tile n, U = G w G^T,
-// 16 C K multiply-adds per 4 outputs instead of 36 C K (2.25x fewer). The transforms are adds (and
-// halves for U); fp32 rounding stays at the direct sum's (tests/test_cpu_kernels.py: 1e-5 of the
-// largest value). The products run on the wide kernel's register tile (6 tiles x 64 outputs); each
-// tile group's 16 results go through a small buffer into the output transform. Tiles are taken in
-// chunks whose transformed inputs fit kWinogradFloats, so a large batch needs no large buffer.
+// The n^2 elementwise products summed over input channels are n^2 matrix products
+//   M[t][p][k] = sum_c V[t][p][c] U[t][c][k],  V = B^T d B per tile p, U = G w G^T,
+// 36 C K multiply-adds per 16 outputs instead of 144 C K (4x fewer; F(2x2), used until session 10,
+// 2.25x). The transforms cost O(C + K) per tile, not O(C K). The products run on the wide
+// kernel's register tile (6 tiles x 64 outputs). Tiles are taken in chunks whose transformed
+// inputs and products fit kWinogradFloats, so a large batch needs no large buffer.
+// Rounding: the transforms' larger coefficients cost accuracy. Relative to the largest output of a
+// 256 -> 256 conv (numpy, float32 against float64): direct 3e-7, F(2x2) 6e-7, F(4x4) on Lavin's
+// points 0, +-1, +-2 1e-5, F(4x4) on 0, +-1, 1/2, -2 (Barabasz et al., 2019, "Error analysis and
+// improving the accuracy of Winograd convolution") 4e-6: the points used here. The matrices below
+// come from those points by the Toom-Cook construction (checked against float64 sums in
+// tests/test_cpu_kernels.py and benchmarks/wide_convs.py); another m needs only its own three.
 constexpr int64_t kWinogradFloats = int64_t{1} << 22;  // 16 MB of transformed tiles per chunk
 
-struct WinogradScratch {  // per calling thread, grown to the largest call and reused
-  std::unique_ptr<float[]> data;
+template <int M>
+struct Winograd;
+template <>
+struct Winograd<4> {  // points 0, 1, -1, 1/2, -2, infinity
+  static constexpr int N = 6;
+  static constexpr float BT[6][6] = {
+      {1, -1.5f, -2, 1.5f, 1, 0}, {0, -1, .5f, 2.5f, 1, 0},  {0, 1, -2.5f, .5f, 1, 0},
+      {0, -2, -1, 2, 1, 0},       {0, .5f, -1, -.5f, 1, 0}, {0, 1, -1.5f, -2, 1.5f, 1}};
+  static constexpr float G[6][3] = {{1, 0, 0},
+                                    {1.f / 3, 1.f / 3, 1.f / 3},
+                                    {-1.f / 3, 1.f / 3, -1.f / 3},
+                                    {-16.f / 15, -8.f / 15, -4.f / 15},
+                                    {1.f / 15, -2.f / 15, 4.f / 15},
+                                    {0, 0, 1}};
+  static constexpr float AT[4][6] = {
+      {1, 1, 1, 1, 1, 0}, {0, 1, -1, .5f, -2, 0}, {0, 1, 1, .25f, 4, 0}, {0, 1, -1, .125f, -8, 1}};
+};
+
+// out = mat in (TRANSPOSE: mat^T in) for a matrix known at compile time: its zeros cost nothing,
+// its ones and minus ones no multiply.
+template <bool TRANSPOSE, int R, int C>
+[[gnu::always_inline]] inline void Apply(const float (&mat)[R][C], const v16* in, v16* out) {
+  constexpr int rows = TRANSPOSE ? C : R, cols = TRANSPOSE ? R : C;
+#pragma GCC unroll 8
+  for (int t = 0; t < rows; ++t) {
+    v16 s{};
+    bool any = false;
+#pragma GCC unroll 8
+    for (int k = 0; k < cols; ++k) {
+      const float a = TRANSPOSE ? mat[k][t] : mat[t][k];
+      if (a == 0.f) continue;
+      const v16 term = a == 1.f ? in[k] : a * in[k];
+      s = any ? s + term : term;
+      any = true;
+    }
+    out[t] = s;
+  }
+}
+
+// L x R^T for x [RX][CX] and compile-time L [*][RX], R [*][CX] (TRANSPOSE: L^T x R).
+template <bool TRANSPOSE, int RX, int CX, int RO, int CO, typename LM, typename RM>
+[[gnu::always_inline]] inline void Apply2(const LM& left, const RM& right, const v16 (&x)[RX][CX],
+                                          v16 (&out)[RO][CO]) {
+  v16 tmp[RO][CX];
+#pragma GCC unroll 8
+  for (int j = 0; j < CX; ++j) {
+    v16 col[RX], res[RO];
+    for (int i = 0; i < RX; ++i) col[i] = x[i][j];
+    Apply<TRANSPOSE>(left, col, res);
+    for (int i = 0; i < RO; ++i) tmp[i][j] = res[i];
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < RO; ++i) Apply<TRANSPOSE>(right, tmp[i], out[i]);
+}
+
+// The transformed arrays hold T = n^2 planes (U[t], V[t], H[t], P[t], M[t]) that every transform
+// writes and reads together. Planes a multiple of 4 KB apart share the same L1 and L2 sets (36
+// streams, 8 ways), so each plane starts one cache line after the previous one would: F(4x4)'s
+// weight transform at 512 -> 256 took 3.4 ms with plain strides.
+constexpr int64_t kSkew = 16;
+inline int64_t Skewed(int64_t plane) { return plane + kSkew; }
+
+// Per calling thread, grown to the largest call and reused. 64-byte aligned: a large `new float[]`
+// starts 16 bytes into a page, and every 16-float store then straddled two cache lines (the input
+// transform was 20-30% slower).
+struct WinogradScratch {
+  struct Free {
+    void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  std::unique_ptr<float[], Free> data;
   int64_t size = 0;
   float* Get(int64_t n) {
-    if (n > size) data.reset(new float[n]), size = n;
+    if (n > size) data.reset(new (std::align_val_t(64)) float[n]), size = n;
     return data.get();
   }
 };
 
-// The tiles of a VALID 3x3 conv: input hp x wp, output ho x wo, th x tw tiles per image. Tile n
-// (over the batch) has its top-left output at (r0, x0) of image b.
+// The tiles of a VALID 3x3 conv: input hp x wp, output ho x wo, th x tw tiles of M x M outputs per
+// image. Tile n (over the batch) has its top-left output at (r0, x0) of image b.
+template <int M>
 struct WinogradTiles {
   int64_t hp, wp, ho, wo, th, tw;
   WinogradTiles(int64_t hp_, int64_t wp_)
-      : hp(hp_), wp(wp_), ho(hp_ - 2), wo(wp_ - 2), th((hp_ - 1) / 2), tw((wp_ - 1) / 2) {}
+      : hp(hp_), wp(wp_), ho(hp_ - 2), wo(wp_ - 2), th((ho + M - 1) / M), tw((wo + M - 1) / M) {}
   int64_t Image(int64_t n) const { return n / (th * tw); }
-  int64_t Row(int64_t n) const { return n / tw % th * 2; }
-  int64_t Col(int64_t n) const { return n % tw * 2; }
+  int64_t Row(int64_t n) const { return n / tw % th * M; }
+  int64_t Col(int64_t n) const { return n % tw * M; }
 };
 
-// U[t][c][k] = (G w[:, :, c, k] G^T)[t], G = [[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]].
+// U[t][k / 64][c][k % 64] = (G w[:, :, c, k] G^T)[t]: the 64 outputs a product reads are one run
+// of memory. Written 64 outputs at a time (36 streams advancing 256 bytes per input channel) and
+// past the caches (U is 4x the kernel, 9.4 MB at 256 -> 256, and read once per t): 3.7 -> 0.8 ms
+// at 512 -> 256 (one core, 2026-11-29).
+template <int M>
 void WinogradWeights(const float* w, float* u, int64_t C, int64_t K) {
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t k = 0; k < K; k += 16) {
-      v16 g[3][3], h[4][3];
-      for (int i = 0; i < 3; ++i)
-        for (int j = 0; j < 3; ++j) g[i][j] = Load(w + ((i * 3 + j) * C + c) * K + k);
-      for (int j = 0; j < 3; ++j) {
-        h[0][j] = g[0][j];
-        h[1][j] = 0.5f * (g[0][j] + g[1][j] + g[2][j]);
-        h[2][j] = 0.5f * (g[0][j] - g[1][j] + g[2][j]);
-        h[3][j] = g[2][j];
+  constexpr int N = Winograd<M>::N;
+  for (int64_t k0 = 0; k0 < K; k0 += 64)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t k = k0; k < k0 + 64; k += 16) {
+        v16 g[3][3], r[N][N];
+        for (int i = 0; i < 3; ++i)
+          for (int j = 0; j < 3; ++j) g[i][j] = Load(w + ((i * 3 + j) * C + c) * K + k);
+        Apply2<false>(Winograd<M>::G, Winograd<M>::G, g, r);
+        for (int t = 0; t < N * N; ++t)
+          StoreStream(u + t * Skewed(C * K) + (k0 * C + c * 64) + k - k0, r[t / N][t % N]);
       }
-      for (int i = 0; i < 4; ++i) {
-        const v16 r[4] = {h[i][0], 0.5f * (h[i][0] + h[i][1] + h[i][2]),
-                          0.5f * (h[i][0] - h[i][1] + h[i][2]), h[i][2]};
-        for (int j = 0; j < 4; ++j) Store(u + ((i * 4 + j) * C + c) * K + k, r[j]);
-      }
-    }
-}
-
-// B^T r B along one axis: B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
-inline void InputTransform4(v16* r) {
-  const v16 a = r[0] - r[2], b = r[1] + r[2], c = r[2] - r[1], d = r[1] - r[3];
-  r[0] = a, r[1] = b, r[2] = c, r[3] = d;
 }
 
 // V[t][n - first][c] (t-stride `count` tiles) for the tiles n in [lo, hi); windows past the
 // input's edge read zeros.
-void WinogradInputs(const float* x, float* v, const WinogradTiles& tl, int64_t C, int64_t first,
+template <int M>
+void WinogradInputs(const float* x, float* v, const WinogradTiles<M>& tl, int64_t C, int64_t first,
                     int64_t count, int64_t lo, int64_t hi) {
+  constexpr int N = Winograd<M>::N;
   for (int64_t n = lo; n < hi; ++n) {
     const int64_t b = tl.Image(n), r0 = tl.Row(n), x0 = tl.Col(n);
     for (int64_t c = 0; c < C; c += 16) {
-      v16 d[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j)
+      v16 d[N][N], r[N][N];
+      for (int i = 0; i < N; ++i)
+        for (int j = 0; j < N; ++j)
           d[i][j] = (r0 + i < tl.hp && x0 + j < tl.wp)
                         ? Load(x + ((b * tl.hp + r0 + i) * tl.wp + x0 + j) * C + c) : v16{};
-      for (int j = 0; j < 4; ++j) {
-        v16 col[4] = {d[0][j], d[1][j], d[2][j], d[3][j]};
-        InputTransform4(col);
-        for (int i = 0; i < 4; ++i) d[i][j] = col[i];
-      }
-      for (int i = 0; i < 4; ++i) {
-        InputTransform4(d[i]);
-        for (int j = 0; j < 4; ++j)
-          Store(v + ((i * 4 + j) * count + n - first) * C + c, d[i][j]);
-      }
+      Apply2<false>(Winograd<M>::BT, Winograd<M>::BT, d, r);
+      for (int t = 0; t < N * N; ++t)
+        Store(v + t * Skewed(count * C) + (n - first) * C + c, r[t / N][t % N]);
     }
   }
 }
 
-// The products of the chunk's tiles [n0, n0 + np) x outputs [k0, k0 + 64) for all 16 t, into
-// m[t][p][64], then A^T m A (A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]) into y where the outputs exist.
+// The products of one t for the tiles [0, np) of a group (np <= 6; `vt` at its first tile's V[t]) x
+// 64 outputs (`ut` at U[t][k0 / 64]), into rows [0, np) of `mt` (row stride K, at M[t][n][k0]).
 template <bool FULL>
-void WinogradGroup(const float* __restrict v, const float* __restrict u, float* __restrict m,
-                   float* __restrict y, const WinogradTiles& tl, int64_t C, int64_t K,
-                   int64_t first, int64_t count, int64_t n0, int np, int64_t k0) {
-  constexpr int PB = kWidePB, KB = kWideKB, KC = 16 * KB;
-  for (int t = 0; t < 16; ++t) {
-    v16 acc[PB][KB];
-    for (int p = 0; p < PB; ++p)
-      for (int q = 0; q < KB; ++q) acc[p][q] = v16{};
-    const float* vt = v + (t * count + n0) * C;
-    const float* ut = u + t * C * K + k0;
+inline void WinogradProduct(const float* __restrict vt, const float* __restrict ut,
+                            float* __restrict mt, int64_t C, int64_t K, int np) {
+  constexpr int PB = kWidePB, KB = kWideKB;
+  v16 acc[PB][KB];
+  for (int p = 0; p < PB; ++p)
+    for (int q = 0; q < KB; ++q) acc[p][q] = v16{};
 #pragma GCC unroll 4
-    for (int64_t c = 0; c < C; ++c) {
-      v16 wv[KB];
-      for (int q = 0; q < KB; ++q) wv[q] = Load(ut + c * K + 16 * q);
-      for (int p = 0; p < PB; ++p)
-        if (FULL || p < np) {
-          const v16 s = Splat(vt[p * C + c]);
-          for (int q = 0; q < KB; ++q) acc[p][q] += s * wv[q];
-        }
-    }
+  for (int64_t c = 0; c < C; ++c) {
+    v16 wv[KB];
+    for (int q = 0; q < KB; ++q) wv[q] = Load(ut + c * 16 * KB + 16 * q);
     for (int p = 0; p < PB; ++p)
-      for (int q = 0; q < KB; ++q) Store(m + (t * PB + p) * KC + 16 * q, acc[p][q]);
-  }
-  for (int p = 0; p < PB; ++p) {
-    if (!FULL && p >= np) break;
-    const int64_t n = first + n0 + p, b = tl.Image(n), r0 = tl.Row(n), x0 = tl.Col(n);
-    for (int q = 0; q < KB; ++q) {
-      v16 e[2][4];
-      for (int j = 0; j < 4; ++j) {
-        const v16 a0 = Load(m + ((0 + j) * PB + p) * KC + 16 * q);
-        const v16 a1 = Load(m + ((4 + j) * PB + p) * KC + 16 * q);
-        const v16 a2 = Load(m + ((8 + j) * PB + p) * KC + 16 * q);
-        const v16 a3 = Load(m + ((12 + j) * PB + p) * KC + 16 * q);
-        e[0][j] = a0 + a1 + a2;
-        e[1][j] = a1 - a2 - a3;
+      if (FULL || p < np) {
+        const v16 s = Splat(vt[p * C + c]);
+        for (int q = 0; q < KB; ++q) acc[p][q] += s * wv[q];
       }
-      for (int i = 0; i < 2 && r0 + i < tl.ho; ++i) {
-        float* out = y + ((b * tl.ho + r0 + i) * tl.wo + x0) * K + k0 + 16 * q;
-        Store(out, e[i][0] + e[i][1] + e[i][2]);
-        if (x0 + 1 < tl.wo) Store(out + K, e[i][1] - e[i][2] - e[i][3]);
-      }
-    }
   }
+  for (int p = 0; p < PB; ++p)
+    if (FULL || p < np)
+      for (int q = 0; q < KB; ++q) Store(mt + p * K + 16 * q, acc[p][q]);
 }
 
+// The products run t-major: t's planes U[t] (C x K) and V[t] (tiles x C) stay in L2 while all of
+// M[t] is computed, so each is read from memory once per chunk. (Taking every t of a few tiles at
+// a time read U once per 6 tiles; F(4x4) was then no faster than F(2x2): 7.4 against 7.0 ms per
+// call at 256 -> 256, 32 px, one core.) Items are (t, 64 outputs, run of kWinogradRun tiles).
+constexpr int kWinogradRun = 48;
+
+template <int M>
 void WinogradForward(ffi::ThreadPool& pool, const float* x, const float* w, float* y,
                      int64_t batch, int64_t hp, int64_t wp, int64_t C, int64_t K) {
-  constexpr int PB = kWidePB, KC = 16 * kWideKB;
-  const WinogradTiles tl(hp, wp);
+  constexpr int PB = kWidePB, KC = 16 * kWideKB, N = Winograd<M>::N, T = N * N;
+  constexpr int RUN = kWinogradRun;
+  const WinogradTiles<M> tl(hp, wp);
   const int64_t n_all = batch * tl.th * tl.tw;
-  const int64_t chunk = std::min(n_all, std::max<int64_t>(PB, kWinogradFloats / (16 * C)));
+  const int64_t chunk = std::min(n_all, std::max<int64_t>(PB, kWinogradFloats / (T * (C + K))));
   static thread_local WinogradScratch scratch;
-  float* u = scratch.Get(16 * C * K + 16 * chunk * C);
-  float* v = u + 16 * C * K;
-  WinogradWeights(w, u, C, K);
+  float* u = scratch.Get(T * (Skewed(C * K) + Skewed(chunk * C) + Skewed(chunk * K)));
+  float* v = u + T * Skewed(C * K);
+  float* m = v + T * Skewed(chunk * C);
+  WinogradWeights<M>(w, u, C, K);
   for (int64_t first = 0; first < n_all; first += chunk) {
-    const int64_t count = std::min(chunk, n_all - first), groups = (count + PB - 1) / PB;
-    ParallelFor(pool, count, 16 * 16 * C, [&](int64_t lo, int64_t hi) {
-      WinogradInputs(x, v, tl, C, first, count, first + lo, first + hi);
+    const int64_t count = std::min(chunk, n_all - first), runs = (count + RUN - 1) / RUN;
+    const int64_t vs = Skewed(count * C), ms = Skewed(count * K);
+    ParallelFor(pool, count, 16 * T * C, [&](int64_t lo, int64_t hi) {
+      WinogradInputs<M>(x, v, tl, C, first, count, first + lo, first + hi);
     });
-    ParallelFor(pool, K / KC * groups, 16 * PB * C * KC, [&](int64_t lo, int64_t hi) {
-      alignas(64) float m[16 * PB * KC];
-      for (int64_t g = lo; g < hi; ++g) {
-        const int64_t k0 = g / groups * KC, n0 = g % groups * PB;
-        if (n0 + PB <= count)
-          WinogradGroup<true>(v, u, m, y, tl, C, K, first, count, n0, PB, k0);
-        else
-          WinogradGroup<false>(v, u, m, y, tl, C, K, first, count, n0, int(count - n0), k0);
+    ParallelFor(pool, T * (K / KC) * runs, RUN * C * KC, [&](int64_t lo, int64_t hi) {
+      for (int64_t item = lo; item < hi; ++item) {
+        const int t = int(item / (K / KC * runs));
+        const int64_t k0 = item / runs % (K / KC) * KC, n0 = item % runs * RUN;
+        const int64_t n1 = std::min(count, n0 + RUN);
+        const float* ut = u + t * Skewed(C * K) + k0 * C;
+        for (int64_t n = n0; n < n1; n += PB) {
+          const float* vt = v + t * vs + n * C;
+          float* mt = m + t * ms + n * K + k0;
+          if (n + PB <= n1)
+            WinogradProduct<true>(vt, ut, mt, C, K, PB);
+          else
+            WinogradProduct<false>(vt, ut, mt, C, K, int(n1 - n));
+        }
+      }
+    });
+    // y = A^T M A per tile, where the outputs exist.
+    ParallelFor(pool, count, T * K, [&](int64_t lo, int64_t hi) {
+      for (int64_t n = lo; n < hi; ++n) {
+        const int64_t b = tl.Image(first + n), r0 = tl.Row(first + n), x0 = tl.Col(first + n);
+        for (int64_t k = 0; k < K; k += 16) {
+          v16 e[N][N], o[M][M];
+          for (int t = 0; t < T; ++t) e[t / N][t % N] = Load(m + t * ms + n * K + k);
+          Apply2<false>(Winograd<M>::AT, Winograd<M>::AT, e, o);
+          for (int i = 0; i < M && r0 + i < tl.ho; ++i)
+            for (int j = 0; j < M && x0 + j < tl.wo; ++j)
+              Store(y + ((b * tl.ho + r0 + i) * tl.wo + x0 + j) * K + k, o[i][j]);
+        }
       }
     });
   }
 }
 
-// The kernel gradient the same way, F(3x3, 2x2): each 2x2 tile of the output gradient g and the
-// 4x4 input window it reads give a 3x3 contribution dw += A'^T [(G' g G'^T) . (B^T d B)] A' with
-// the forward's B^T, G' = [[1, 0], [.5, .5], [.5, -.5], [0, 1]],
-// A'^T = [[1, 1, 1, 0], [0, 1, -1, 0], [0, 1, 1, -1]]; the 16 products are summed over tiles
-// first, P[t][c][k] = sum_n V[t][n][c] H[t][n][k], and transformed once.
+// The kernel gradient the same way, F(3x3, m x m): an m x m tile of the output gradient g and the
+// n x n input window it reads give a 3x3 contribution dw += G^T [(A g A^T) . (B^T d B)] G, with the
+// forward's matrices (the transpose of its identity: sum_y g y = sum_w w dw for every w). The
+// products are summed over tiles first, P[t][c][k] = sum_n V[t][n][c] H[t][n][k], and transformed
+// once.
 
-// H[t][n - first][k] = G' g_n G'^T for the tiles n in [lo, hi); outputs past g's edge are zeros.
-void WinogradGradTiles(const float* g, float* hbuf, const WinogradTiles& tl, int64_t K,
+// H[t][n - first][k] = A g_n A^T for the tiles n in [lo, hi); outputs past g's edge are zeros.
+template <int M>
+void WinogradGradTiles(const float* g, float* hbuf, const WinogradTiles<M>& tl, int64_t K,
                        int64_t first, int64_t count, int64_t lo, int64_t hi) {
+  constexpr int N = Winograd<M>::N;
   for (int64_t n = lo; n < hi; ++n) {
     const int64_t b = tl.Image(n), r0 = tl.Row(n), x0 = tl.Col(n);
     for (int64_t k = 0; k < K; k += 16) {
-      v16 e[2][2];
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j)
+      v16 e[M][M], r[N][N];
+      for (int i = 0; i < M; ++i)
+        for (int j = 0; j < M; ++j)
           e[i][j] = (r0 + i < tl.ho && x0 + j < tl.wo)
                         ? Load(g + ((b * tl.ho + r0 + i) * tl.wo + x0 + j) * K + k) : v16{};
-      const v16 col[2][4] = {{e[0][0], 0.5f * (e[0][0] + e[1][0]), 0.5f * (e[0][0] - e[1][0]),
-                              e[1][0]},
-                             {e[0][1], 0.5f * (e[0][1] + e[1][1]), 0.5f * (e[0][1] - e[1][1]),
-                              e[1][1]}};
-      for (int i = 0; i < 4; ++i) {
-        const v16 a = col[0][i], c = col[1][i];
-        const v16 r[4] = {a, 0.5f * (a + c), 0.5f * (a - c), c};
-        for (int j = 0; j < 4; ++j) Store(hbuf + ((i * 4 + j) * count + n - first) * K + k, r[j]);
-      }
+      Apply2<true>(Winograd<M>::AT, Winograd<M>::AT, e, r);
+      for (int t = 0; t < N * N; ++t)
+        Store(hbuf + t * Skewed(count * K) + (n - first) * K + k, r[t / N][t % N]);
     }
   }
 }
@@ -563,11 +656,11 @@ void WinogradGradProduct(const float* __restrict v, const float* __restrict hbuf
                          int64_t c0, int64_t k0, bool add) {
   constexpr int KB = kWideKB;
   v16 acc[CB][KB];
-  float* pt = p + (t * C + c0) * K + k0;
+  float* pt = p + t * Skewed(C * K) + c0 * K + k0;
   for (int q = 0; q < CB; ++q)
     for (int k = 0; k < KB; ++k) acc[q][k] = add ? Load(pt + q * K + 16 * k) : v16{};
-  const float* vt = v + t * count * C + c0;
-  const float* ht = hbuf + t * count * K + k0;
+  const float* vt = v + t * Skewed(count * C) + c0;
+  const float* ht = hbuf + t * Skewed(count * K) + k0;
 #pragma GCC unroll 2
   for (int64_t n = 0; n < count; ++n) {
     v16 hv[KB];
@@ -581,55 +674,55 @@ void WinogradGradProduct(const float* __restrict v, const float* __restrict hbuf
     for (int k = 0; k < KB; ++k) Store(pt + q * K + 16 * k, acc[q][k]);
 }
 
+template <int M>
 void WinogradKernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dw,
                         int64_t batch, int64_t hp, int64_t wp, int64_t C, int64_t K) {
-  constexpr int KC = 16 * kWideKB;
-  const WinogradTiles tl(hp, wp);
+  constexpr int KC = 16 * kWideKB, N = Winograd<M>::N, T = N * N;
+  const WinogradTiles<M> tl(hp, wp);
   const int64_t n_all = batch * tl.th * tl.tw, blocks = (C + 5) / 6;
   if (n_all == 0) {  // an empty batch: no tiles to sum
     std::memset(dw, 0, 9 * C * K * sizeof(float));
     return;
   }
   const int64_t chunk =
-      std::min(n_all, std::max<int64_t>(kWidePB, kWinogradFloats / (16 * (C + K))));
+      std::min(n_all, std::max<int64_t>(kWidePB, kWinogradFloats / (T * (C + K))));
   static thread_local WinogradScratch scratch;
-  float* v = scratch.Get(16 * chunk * (C + K) + 16 * C * K);
-  float* hbuf = v + 16 * chunk * C;
-  float* p = hbuf + 16 * chunk * K;
+  float* v = scratch.Get(T * (Skewed(chunk * C) + Skewed(chunk * K) + Skewed(C * K)));
+  float* hbuf = v + T * Skewed(chunk * C);
+  float* p = hbuf + T * Skewed(chunk * K);
   for (int64_t first = 0; first < n_all; first += chunk) {
     const int64_t count = std::min(chunk, n_all - first);
-    ParallelFor(pool, count, 16 * 16 * (C + K), [&](int64_t lo, int64_t hi) {
-      WinogradInputs(x, v, tl, C, first, count, first + lo, first + hi);
-      WinogradGradTiles(g, hbuf, tl, K, first, count, first + lo, first + hi);
+    ParallelFor(pool, count, 16 * T * (C + K), [&](int64_t lo, int64_t hi) {
+      WinogradInputs<M>(x, v, tl, C, first, count, first + lo, first + hi);
+      WinogradGradTiles<M>(g, hbuf, tl, K, first, count, first + lo, first + hi);
     });
-    ParallelFor(pool, K / KC * 16 * blocks, count * 6 * KC, [&](int64_t lo, int64_t hi) {
+    ParallelFor(pool, K / KC * T * blocks, count * 6 * KC, [&](int64_t lo, int64_t hi) {
       for (int64_t u = lo; u < hi; ++u) {
-        const int64_t k0 = u / (16 * blocks) * KC, c0 = u % blocks * 6;
-        const int t = int(u / blocks % 16);
+        const int t = int(u / (K / KC * blocks));
+        const int64_t k0 = u / blocks % (K / KC) * KC, c0 = u % blocks * 6;
         const auto product = C - c0 >= 6 ? WinogradGradProduct<6>
                              : C - c0 == 4 ? WinogradGradProduct<4> : WinogradGradProduct<2>;
         product(v, hbuf, p, C, K, count, t, c0, k0, first > 0);
       }
     });
   }
-  // dw[i][j] = (A'^T P A')[i][j] per input channel and 16 output channels.
-  ParallelFor(pool, C, 16 * K, [&](int64_t lo, int64_t hi) {
+  // dw = G^T P G per input channel and 16 output channels.
+  ParallelFor(pool, C, T * K, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c)
       for (int64_t k = 0; k < K; k += 16) {
-        v16 m[4][4], r[3][4];
-        for (int t = 0; t < 16; ++t) m[t / 4][t % 4] = Load(p + (t * C + c) * K + k);
-        for (int j = 0; j < 4; ++j) {
-          r[0][j] = m[0][j] + m[1][j] + m[2][j];
-          r[1][j] = m[1][j] - m[2][j];
-          r[2][j] = m[1][j] + m[2][j] - m[3][j];
-        }
-        for (int i = 0; i < 3; ++i) {
-          const v16 out[3] = {r[i][0] + r[i][1] + r[i][2], r[i][1] - r[i][2],
-                              r[i][1] + r[i][2] - r[i][3]};
-          for (int j = 0; j < 3; ++j) Store(dw + ((i * 3 + j) * C + c) * K + k, out[j]);
-        }
+        v16 m[N][N], r[3][3];
+        for (int t = 0; t < T; ++t) m[t / N][t % N] = Load(p + t * Skewed(C * K) + c * K + k);
+        Apply2<true>(Winograd<M>::G, Winograd<M>::G, m, r);
+        for (int t = 0; t < 9; ++t) Store(dw + (t * C + c) * K + k, r[t / 3][t % 3]);
       }
   });
+}
+
+// Winograd takes the stride-1 undilated convs of a multiple of 16 input and 64 output channels:
+// every wide one, and with 512-bit vectors (where its register tile does not spill) the compiled
+// widths' too (64 -> 64 at 64 px: 3.2 -> ~1.2 ms per call).
+inline bool UseWinograd(int64_t c, int64_t k, int64_t dilation, int64_t stride) {
+  return Wide(c, k) && stride == 1 && dilation == 1 && (!Compiled(c, k) || kVectorBits >= 512);
 }
 
 // Channel counts compiled in; cpu_kernels.py's CHANNELS_IN / CHANNELS_OUT must list the same.
@@ -663,9 +756,9 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
                        ffi::ResultBuffer<ffi::F32> y, int64_t dilation, int64_t stride) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (auto err = CheckShapes(xd, wd, yd, dilation, stride); err.failure()) return err;
-  if (!Compiled(xd[3], wd[3]) && Wide(xd[3], wd[3]) && stride == 1 && dilation == 1) {
-    WinogradForward(pool, x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], xd[2],
-                    xd[3], wd[3]);
+  if (UseWinograd(xd[3], wd[3], dilation, stride)) {
+    WinogradForward<4>(pool, x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], xd[2],
+                       xd[3], wd[3]);
     return ffi::Error::Success();
   }
   if (!Compiled(xd[3], wd[3]) && Wide(xd[3], wd[3])) {
@@ -683,9 +776,9 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
                           ffi::ResultBuffer<ffi::F32> dw, int64_t dilation, int64_t stride) {
   auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
   if (auto err = CheckShapes(xd, wd, gd, dilation, stride); err.failure()) return err;
-  if (!Compiled(xd[3], gd[3]) && Wide(xd[3], gd[3]) && stride == 1 && dilation == 1) {
-    WinogradKernelGrad(pool, x.typed_data(), g.typed_data(), dw->typed_data(), xd[0], xd[1], xd[2],
-                       xd[3], gd[3]);
+  if (UseWinograd(xd[3], gd[3], dilation, stride)) {
+    WinogradKernelGrad<4>(pool, x.typed_data(), g.typed_data(), dw->typed_data(), xd[0], xd[1],
+                          xd[2], xd[3], gd[3]);
     return ffi::Error::Success();
   }
   if (!Compiled(xd[3], gd[3]) && Wide(xd[3], gd[3])) {
@@ -711,7 +804,7 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // The input gradient of each is the forward of the other (cpu_kernels.py).
 typedef float v8 __attribute__((vector_size(32)));
 
-inline v8 Splat8(float a) { return v8{} + a; }
+inline v8 Splat8(float a) { return v8{a, a, a, a, a, a, a, a}; }  // see Splat
 inline v8 Load8(const float* p) {
   v8 v;
   std::memcpy(&v, p, sizeof(v));

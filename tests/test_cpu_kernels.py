@@ -44,7 +44,9 @@ def _value_and_grads(conv, x, w):
     # chunks, two 128-channel input blocks, kernel-gradient tails of 2 and 4 input channels
     # (128, 160), dilation, stride 2; the input gradient of 128 -> 64 is a wide 64 -> 128 conv.
     (16, 128, 1, 1, (7, 9)), (128, 64, 1, 1, (5, 13)), (96, 192, 2, 1, (6, 7)),
-    (160, 64, 1, 2, (9, 8))])
+    (160, 64, 1, 2, (9, 8)),
+    # Winograd F(4x4) for a compiled width, dilated: 3 x 3 phases of 4 or 3 rows and columns.
+    (64, 64, 3, 1, (10, 11))])
 def test_kernel_equals_xla_forward_and_gradients(cin, cout, d, s, hw):
   x = jax.random.normal(jax.random.key(0), (3, hw[0] + 2 * d, hw[1] + 2 * d, cin))
   w = 0.1 * jax.random.normal(jax.random.key(1), (3, 3, cin, cout))

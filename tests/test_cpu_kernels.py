@@ -223,10 +223,11 @@ def test_pad_kernel_only_where_it_applies():
 
 def test_winograd_over_several_tile_chunks():
   # 6 x 64 tiles of 4x4 outputs, 256 -> 64 channels: more than one chunk of transformed tiles
-  # (cpu_kernels.cc's kWinogradFloats: 364 tiles at 256 + 64 channels) in the forward, the input
-  # gradient (6 x 81 tiles) and the kernel gradient; the partial sums carry over. F(4x4)'s
-  # rounding is ~5e-6 of the largest value (XLA's ~1e-6; benchmarks/wide_convs.py), so the
-  # gradients get 3e-5 here: a wrong sign or a lost chunk is off by O(1).
+  # (cpu_kernels.cc: 364 tiles at 256 + 64 channels, kWinogradFloats) in the forward and the input
+  # gradient (6 x 81 tiles), and (at most 128, kWinogradGradTiles) in the kernel gradient, whose
+  # chunks add to dw. F(4x4)'s rounding is ~5e-6 of the largest value (XLA's ~1e-6;
+  # benchmarks/wide_convs.py), so the gradients get 3e-5 here: a wrong sign or a lost chunk is off
+  # by O(1).
   x = jax.random.normal(jax.random.key(14), (6, 34, 34, 256))
   w = 0.05 * jax.random.normal(jax.random.key(15), (3, 3, 256, 64))
   conv = lambda x, w: D.conv3x3(x, w, 1)

@@ -14,8 +14,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG="${CONFIG:-configs/phantoms.py}"
 NUM_TEST="${NUM_TEST:-1000}"
-WORKDIR="${WORKDIR:-/tmp/agcg-eval-bench}"
 AGCG="${AGCG:-.venv/bin/agcg}"
+if [[ -z "${WORKDIR:-}" ]]; then
+  # Our own scratch workdir: start it afresh, so a run of another config or size left there by an
+  # earlier call is not refused ("holds a run of another config"). A WORKDIR you give is kept.
+  WORKDIR=/tmp/agcg-eval-bench
+  rm -rf "$WORKDIR"
+fi
 FLAGS=(--config "$CONFIG" --workdir "$WORKDIR" --config.data.num_train=64
        --config.data.num_test="$NUM_TEST" --config.classifier.steps=2 --config.ctr.steps=2
        --config.gan.steps=2 "$@")

@@ -526,26 +526,35 @@ void WinogradWeights(const float* w, float* u, int64_t C, int64_t K) {
       }
 }
 
-// V[t][n - first][c] (t-stride `count` tiles) for the tiles n in [lo, hi); windows past the
-// input's edge read zeros.
-template <int M>
-void WinogradInputs(const float* x, float* v, const WinogradTiles<M>& tl, int64_t C, int64_t first,
-                    int64_t count, int64_t lo, int64_t hi) {
+// dst[t][n - first][c] = (L s L^T)[t] for the tiles n in [lo, hi), L = `mat` (TRANSPOSE: its
+// transpose): s is the R x R window of `src` (h x w x C per image) at the tile's origin, d apart,
+// zeros past its edge. The inputs' V = B^T d B (R = n), the output gradient's H = A g A^T (R = m).
+template <int M, int R, bool TRANSPOSE, typename Mat>
+void TransformTiles(const Mat& mat, const float* src, int64_t h, int64_t w, int64_t C, float* dst,
+                    const WinogradTiles<M>& tl, int64_t first, int64_t count, int64_t lo,
+                    int64_t hi) {
   constexpr int N = Winograd<M>::N;
+  const int64_t d = tl.d;
   for (int64_t n = lo; n < hi; ++n) {
     const int64_t b = tl.Image(n), r0 = tl.Row(n), x0 = tl.Col(n);
     for (int64_t c = 0; c < C; c += 16) {
-      v16 d[N][N], r[N][N];
-      for (int i = 0; i < N; ++i)
-        for (int j = 0; j < N; ++j)
-          d[i][j] = (r0 + tl.d * i < tl.hp && x0 + tl.d * j < tl.wp)
-                        ? Load(x + ((b * tl.hp + r0 + tl.d * i) * tl.wp + x0 + tl.d * j) * C + c)
-                        : v16{};
-      Apply2<false>(Winograd<M>::BT, Winograd<M>::BT, d, r);
+      v16 win[R][R], r[N][N];
+      for (int i = 0; i < R; ++i)
+        for (int j = 0; j < R; ++j)
+          win[i][j] = (r0 + d * i < h && x0 + d * j < w)
+                          ? Load(src + ((b * h + r0 + d * i) * w + x0 + d * j) * C + c) : v16{};
+      Apply2<TRANSPOSE>(mat, mat, win, r);
       for (int t = 0; t < N * N; ++t)
-        Store(v + t * Skewed(count * C) + (n - first) * C + c, r[t / N][t % N]);
+        Store(dst + t * Skewed(count * C) + (n - first) * C + c, r[t / N][t % N]);
     }
   }
+}
+
+template <int M>
+void WinogradInputs(const float* x, float* v, const WinogradTiles<M>& tl, int64_t C, int64_t first,
+                    int64_t count, int64_t lo, int64_t hi) {
+  TransformTiles<M, Winograd<M>::N, false>(Winograd<M>::BT, x, tl.hp, tl.wp, C, v, tl, first,
+                                           count, lo, hi);
 }
 
 // The products of one t for the tiles [0, np) of a group (np <= 6; `vt` at its first tile's V[t]) x
@@ -636,25 +645,10 @@ void WinogradForward(ffi::ThreadPool& pool, const float* x, const float* w, floa
 // products are summed over a chunk's tiles first, P[t][c][k] = sum_n V[t][n][c] H[t][n][k], and
 // transformed once per chunk.
 
-// H[t][n - first][k] = A g_n A^T for the tiles n in [lo, hi); outputs past g's edge are zeros.
 template <int M>
 void WinogradGradTiles(const float* g, float* hbuf, const WinogradTiles<M>& tl, int64_t K,
                        int64_t first, int64_t count, int64_t lo, int64_t hi) {
-  constexpr int N = Winograd<M>::N;
-  for (int64_t n = lo; n < hi; ++n) {
-    const int64_t b = tl.Image(n), r0 = tl.Row(n), x0 = tl.Col(n);
-    for (int64_t k = 0; k < K; k += 16) {
-      v16 e[M][M], r[N][N];
-      for (int i = 0; i < M; ++i)
-        for (int j = 0; j < M; ++j)
-          e[i][j] = (r0 + tl.d * i < tl.ho && x0 + tl.d * j < tl.wo)
-                        ? Load(g + ((b * tl.ho + r0 + tl.d * i) * tl.wo + x0 + tl.d * j) * K + k)
-                        : v16{};
-      Apply2<true>(Winograd<M>::AT, Winograd<M>::AT, e, r);
-      for (int t = 0; t < N * N; ++t)
-        Store(hbuf + t * Skewed(count * K) + (n - first) * K + k, r[t / N][t % N]);
-    }
-  }
+  TransformTiles<M, M, true>(Winograd<M>::AT, g, tl.ho, tl.wo, K, hbuf, tl, first, count, lo, hi);
 }
 
 // pt[q][0 .. 64] (row stride 64) = sum over the chunk's tiles n of V[t][n][c0 + q] H[t][n][k0 ..

@@ -15,10 +15,14 @@ and (but for the wide convs) the channel counts as compile-time constants:
                  stride-2 layer at 64 px: 0.55 ms against 2.4.
   wide conv3x3   the same call for any other 3x3 conv of a multiple of 16 input and of 64 output
                  channels (the paper networks' 64-512 channel layers; channel counts at run time,
-                 outputs in 64-channel chunks). Stride 1, undilated: Winograd F(2x2, 3x3) forward
-                 and F(3x3, 2x2) kernel gradient (16 instead of 36 multiply-adds per 2x2 outputs
-                 and channel pair); else direct. 256 -> 256 at 32 px, batch 1, one core: forward
-                 6.7 ms, kernel gradient 6.6 ms against XLA's 15.1 and 12.3.
+                 outputs in 64-channel chunks); stride 2 direct.
+  Winograd       every stride-1 conv of a multiple of 16 input and 64 output channels (wide or,
+                 with AVX-512, compiled; any dilation, as d^2 undilated phases): F(4x4, 3x3)
+                 forward and F(3x3, 4x4) kernel gradient, 36 instead of 144 multiply-adds per 4x4
+                 outputs and channel pair, on the points 0, +-1, 1/2, -2 (rounding ~5e-6 of the
+                 largest value; XLA's ~1e-6). 256 -> 256 at 32 px, batch 1, one core: forward
+                 4.6-4.8 ms, input gradient 6.6, kernel gradient 4.4 against XLA's 14-17, 13.3
+                 and 12.2 (benchmarks/wide_convs.py).
   thin_conv      7x7, stride 1, 1 -> 8-64 or 8-64 -> 1 channels; forward and kernel gradient are
                  FFI calls, the input gradient of one kind is the forward of the other. Forward and
                  both gradients at 64 px, batch 4, one core: 1 -> 8 0.69 ms, 8 -> 1 0.58 ms

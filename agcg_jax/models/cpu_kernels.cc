@@ -1,6 +1,6 @@
 // Kernels for XLA:CPU, as XLA FFI custom calls (agcg_jax/models/cpu_kernels.py builds this file on
-// first use and registers the handlers): a direct 3x3 convolution, thin 7x7 convolutions,
-// padding and instance norm.
+// first use and registers the handlers): a 3x3 convolution (direct, or Winograd F(4x4, 3x3) for the
+// stride-1 ones of 16k -> 64k channels), thin 7x7 convolutions, padding and instance norm.
 //
 // Convolution: stride s (1 or 2), any dilation d, NHWC input already padded, HWIO kernel, float32:
 //   forward      y[b, r, x, k]  = sum_{i, j, c} in[b, s r + i d, s x + j d, c] w[i, j, c, k]
@@ -395,7 +395,7 @@ void WideKernelGrad(ffi::ThreadPool& pool, const float* x, const float* g, float
   });
 }
 
-// ---- Winograd F(4x4, 3x3) for the stride-1, undilated 3x3 convs of 16k -> 64k channels ----
+// ---- Winograd F(4x4, 3x3) for the stride-1 3x3 convs (any dilation) of 16k -> 64k channels ----
 // Each m x m block of outputs ("tile", m = 4) comes from an n x n input window d, n = m + 2:
 //   y = A^T [(G w G^T) . (B^T d B)] A.
 // The n^2 elementwise products summed over input channels are n^2 matrix products
